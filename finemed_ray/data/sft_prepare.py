@@ -1,0 +1,203 @@
+"""Ray Data: raw SFT conversations (JSONL or Parquet, local or S3) -> a tokenised Parquet dataset + quarantine.
+
+One pass validates and tokenises every row, in parallel, and writes them all (good and bad, tagged with
+``error``) to ``<run>/prepared/``. The quarantine dataset and the counts are then cheap reads of that one
+output. Trainers stream only the good rows; nothing is held in one process's memory.
+
+JSONL is read as text lines and parsed per row, so one malformed line is quarantined instead of failing the
+whole file (Arrow's JSON reader would reject the block).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from finemed_ray import storage
+from finemed_ray.data.tokenize import IGNORE_INDEX, TemplateError, tokenize_conversation, with_system_prompt
+from finemed_ray.errors import DataError
+from finemed_ray.schemas import QUARANTINE_SCHEMA, parse_jsonl_line, to_raw, validate_sft_row
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("department", pa.string()),
+        ("subdepartment", pa.string()),
+        ("source", pa.string()),
+        ("error", pa.string()),  # null for good rows; the quarantine reason otherwise
+        ("raw", pa.string()),  # the row as read, kept for bad rows only
+    ]
+)
+
+
+@dataclass
+class PrepareSummary:
+    input_uri: str
+    prepared_uri: str
+    quarantine_uri: str
+    rows_in: int = 0
+    rows_valid: int = 0
+    rows_quarantined: int = 0
+    rows_truncated: int = 0
+    tokens_valid: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def input_files(uri: str) -> tuple[list[str], str]:
+    """The data files under ``uri`` and their format ("jsonl" | "parquet"); errors name the path."""
+    if not storage.exists(uri):
+        raise DataError(f"dataset not found: {uri}")
+    files = storage.list_files(uri, suffixes=JSONL_SUFFIXES + PARQUET_SUFFIXES)
+    if not files:
+        raise DataError(f"{uri}: no .jsonl/.json/.parquet files found")
+    kinds = {"parquet" if f.endswith(PARQUET_SUFFIXES) else "jsonl" for f in files}
+    if len(kinds) > 1:
+        raise DataError(f"{uri}: mixes JSONL and Parquet files; point to one format")
+    return files, kinds.pop()
+
+
+def _row_id(raw: str) -> str:
+    # Stable across runs and workers: the same row always gets the same id (used to track samples seen).
+    return "h" + hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str):
+    from finemed_ray.models.loading import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def prepare_batch(batch: pa.Table, tokenizer_path: str, max_length: int, system_prompt: str | None,
+                  fmt: str) -> pa.Table:
+    """Validate + tokenise one Arrow batch; every input row yields exactly one output row."""
+    tok = _cached_tokenizer(tokenizer_path)
+    if fmt == "jsonl":
+        records = []
+        for line in batch.column("text").to_pylist():
+            parsed, err = parse_jsonl_line(line)
+            records.append((line, parsed, err))
+    else:
+        records = [(None, row, None) for row in batch.to_pylist()]
+
+    out = {name: [] for name in PREPARED_SCHEMA.names}
+    for line, row, err in records:
+        raw = line if line is not None else to_raw(row)
+        err = err or validate_sft_row(row)
+        result = None
+        if err is None:
+            try:
+                result = tokenize_conversation(tok, with_system_prompt(row["messages"], system_prompt), max_length)
+            except TemplateError as e:
+                err = f"chat template: {e}"
+            except Exception as e:  # tokenizer failure on this row only: quarantine it, keep going
+                err = f"tokenization failed: {type(e).__name__}: {e}"
+        if result is not None and all(lbl == IGNORE_INDEX for lbl in result["labels"]):
+            err = (f"no assistant tokens within max_length={max_length} "
+                   f"(conversation has {result['num_tokens']} tokens)")
+        good = err is None
+        rid = row.get("id") if isinstance(row, dict) and isinstance(row.get("id"), str) else None
+        out["id"].append(rid or _row_id(raw))
+        out["input_ids"].append(result["input_ids"] if good else None)
+        out["labels"].append(result["labels"] if good else None)
+        out["num_tokens"].append(result["num_tokens"] if good else None)
+        out["truncated"].append(result["truncated"] if good else None)
+        for key in ("department", "subdepartment", "source"):
+            v = row.get(key) if isinstance(row, dict) else None
+            out[key].append(v if isinstance(v, str) else None)
+        out["error"].append(err)
+        out["raw"].append(None if good else raw)
+    return pa.Table.from_pydict(out, schema=PREPARED_SCHEMA)
+
+
+def _reason_kind(reason: str) -> str:
+    # Group counts by the kind of problem ("messages[1].role", "invalid JSON", ...) not the exact text.
+    return reason.split(":", 1)[0]
+
+
+def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: int,
+                system_prompt: str | None = None) -> PrepareSummary:
+    """Tokenise ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into ``<out_uri>/quarantine``."""
+    import ray.data
+
+    t0 = time.time()
+    files, fmt = input_files(input_uri)
+    fs, _ = storage.get_filesystem(files[0])
+    paths = [storage.get_filesystem(f)[1] for f in files]
+    if fmt == "jsonl":
+        ds = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=fs)
+
+    prepared_uri = storage.join(out_uri, "prepared")
+    quarantine_uri = storage.join(out_uri, "quarantine")
+    for uri in (prepared_uri, quarantine_uri):
+        storage.delete(uri)  # a re-run must not mix old and new files
+    out_fs, prepared_path = storage.get_filesystem(prepared_uri)
+    ds.map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, system_prompt=system_prompt, fmt=fmt),
+    ).write_parquet(prepared_path, filesystem=out_fs)
+
+    summary = PrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri)
+    stats = ray.data.read_parquet(prepared_path, filesystem=out_fs, columns=["num_tokens", "truncated", "error"])
+    for batch in stats.iter_batches(batch_format="pyarrow", batch_size=65536):
+        err = batch.column("error")
+        ok = pc.is_null(err)
+        summary.rows_in += batch.num_rows
+        summary.rows_valid += pc.sum(ok.cast(pa.int64())).as_py() or 0
+        summary.tokens_valid += pc.sum(pc.filter(batch.column("num_tokens"), ok)).as_py() or 0
+        summary.rows_truncated += pc.sum(pc.filter(batch.column("truncated"), ok).cast(pa.int64())).as_py() or 0
+        for reason in pc.filter(err, pc.invert(ok)).to_pylist():
+            kind = _reason_kind(reason)
+            summary.quarantine_reasons[kind] = summary.quarantine_reasons.get(kind, 0) + 1
+    summary.rows_quarantined = summary.rows_in - summary.rows_valid
+
+    if summary.rows_quarantined:
+        bad = ray.data.read_parquet(prepared_path, filesystem=out_fs, columns=["error", "raw"]).filter(
+            expr="error is not null"
+        )
+        q_fs, q_path = storage.get_filesystem(quarantine_uri)
+        bad.map_batches(
+            lambda t: pa.table(
+                {"dataset": pa.array([input_uri] * t.num_rows, pa.string()), "reason": t["error"], "raw": t["raw"]},
+                schema=QUARANTINE_SCHEMA,
+            ),
+            batch_format="pyarrow",
+        ).write_parquet(q_path, filesystem=q_fs)
+    summary.seconds = round(time.time() - t0, 3)
+    if summary.rows_valid == 0:
+        raise DataError(
+            f"{input_uri}: no valid rows ({summary.rows_quarantined} quarantined to {quarantine_uri}; "
+            f"reasons: {json.dumps(summary.quarantine_reasons)})"
+        )
+    return summary
+
+
+def read_prepared(prepared_uri: str):
+    """The good rows of a prepared dataset, as a Ray Dataset of ``id``, ``input_ids``, ``labels``."""
+    import ray.data
+
+    fs, path = storage.get_filesystem(prepared_uri)
+    return ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "error"]).filter(
+        expr="error is null"
+    ).select_columns(["id", "input_ids", "labels"])

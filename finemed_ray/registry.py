@@ -1,0 +1,22 @@
+"""Which config class a YAML in ``configs/`` validates against, by its file-name prefix (``sft_tiny.yaml`` ->
+``sft``). Later stages add themselves here; ``tests/test_config.py`` loads every file through this table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finemed_ray.errors import ConfigError
+
+
+def config_classes() -> dict[str, type]:
+    from finemed_ray.train.configs import SFTJobConfig
+
+    return {"sft": SFTJobConfig}
+
+
+def config_class_for(path: str | Path) -> type:
+    stem = Path(path).stem
+    for prefix, cls in sorted(config_classes().items(), key=lambda kv: -len(kv[0])):
+        if stem == prefix or stem.startswith(prefix + "_"):
+            return cls
+    raise ConfigError(f"{path}: no config schema for this file name (known prefixes: {sorted(config_classes())})")

@@ -1,0 +1,66 @@
+"""Adapter from a Ray Data shard (one per Ray Train worker) to what TRL's trainers accept.
+
+TRL 1.16 requires a ``datasets`` Dataset/IterableDataset, and the HF Trainer would hand it to
+``accelerator.prepare``, which shards an iterable *again* across ranks (each rank would then train on half of
+its own shard). So we give TRL a ``datasets.IterableDataset`` that streams our shard, and the trainer mixin below
+builds the training DataLoader without re-sharding.
+
+TRL's constructor also peeks at one example (``next(iter(train_dataset))``) to detect image datasets. Pulling
+it from the shard would start a Ray epoch on every rank and throw it away, so until ``arm()`` is called the
+source yields a single local example (built from the tokenizer, never trained on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+import datasets
+from torch.utils.data import DataLoader
+
+
+class ShardSource:
+    """Iterates the rows of a Ray ``DataIterator`` and records which sample ids were handed to the trainer."""
+
+    def __init__(self, shard: Any, probe_example: dict[str, list[int]], columns: tuple[str, ...]):
+        self.shard = shard
+        self.probe_example = probe_example
+        self.columns = columns
+        self.armed = False
+        self.epoch = 0
+        self.seen_ids: list[str] = []
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        if not self.armed:
+            yield dict(self.probe_example)
+            return
+        for row in self.shard.iter_rows():
+            self.seen_ids.append(row["id"])
+            # Arrow list columns arrive as numpy arrays; the collator wants plain lists of ints.
+            yield {c: row[c].tolist() if hasattr(row[c], "tolist") else row[c] for c in self.columns}
+        self.epoch += 1
+
+    def seen_digest(self) -> str:
+        return hashlib.sha256("\n".join(sorted(self.seen_ids)).encode()).hexdigest()
+
+
+def _iter_source(source: ShardSource) -> Iterator[dict[str, Any]]:
+    yield from source.rows()
+
+
+def shard_to_iterable_dataset(source: ShardSource, features: datasets.Features) -> datasets.IterableDataset:
+    return datasets.IterableDataset.from_generator(_iter_source, gen_kwargs={"source": source}, features=features)
+
+
+class RayShardDataLoaderMixin:
+    """Put before a TRL/HF trainer class: the train DataLoader reads this rank's shard as is (no re-sharding).
+
+    Batches are moved to the device by the Trainer's ``_prepare_inputs``; DeepSpeed does not need a prepared
+    loader. Evaluation loaders are left to the base class."""
+
+    def get_train_dataloader(self) -> DataLoader:  # type: ignore[override]
+        collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=collator, num_workers=0)

@@ -1,0 +1,307 @@
+"""Supervised fine-tuning on Ray Train: TRL's SFTTrainer under DeepSpeed ZeRO-3, fed by Ray Data shards.
+
+Driver (``SFTJob``): validate inputs -> Ray Data prepares (validates, tokenises, quarantines) the dataset into
+``<storage>/<run>/prepared`` -> ``TorchTrainer`` runs ``sft_train_loop`` on N workers -> rank 0 publishes a
+consolidated Hugging Face export. Nothing assumes a filesystem shared between nodes: data, checkpoints and the
+export move through ``storage`` (S3 or a local path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finemed_ray import storage
+from finemed_ray.errors import ConfigError, FinemedError
+from finemed_ray.train.configs import SFTJobConfig
+
+log = logging.getLogger(__name__)
+
+# Environment forwarded to a local Ray cluster's workers so they reach the same storage and stay offline.
+FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "FINEMED_", "DS_", "TRANSFORMERS_", "VLLM_")
+
+
+def load_deepspeed_config(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {path}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {e}") from None
+
+
+@dataclass
+class StepPlan:
+    rows_valid: int
+    rows_per_worker: int
+    rows_unused: int  # Ray's equal split gives every worker the same count; the remainder (< workers) is unused
+    steps_per_epoch: int
+    max_steps: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def plan_steps(rows_valid: int, cfg: SFTJobConfig) -> StepPlan:
+    workers = cfg.scaling.num_workers
+    per_worker = rows_valid // workers
+    if per_worker == 0:
+        raise FinemedError(f"{cfg.data.path}: {rows_valid} valid rows is fewer than scaling.num_workers={workers}")
+    micro = cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(per_worker / micro)
+    max_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    return StepPlan(rows_valid, per_worker, rows_valid - per_worker * workers, steps_per_epoch, max_steps)
+
+
+def ensure_ray(cfg: SFTJobConfig) -> None:
+    """Join the job's cluster (``ray job submit`` sets RAY_ADDRESS), ``ray.address``, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    ray.init(num_cpus=cfg.ray.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    cfg = SFTJobConfig.model_validate(loop_cfg["job"])
+    use_gpu = cfg.scaling.use_gpu
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+    import datasets
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from finemed_ray.models.loading import load_tokenizer, resolve_model_path
+    from finemed_ray.train.export import finalize_export, loss_history
+    from finemed_ray.train.ray_shard import RayShardDataLoaderMixin, ShardSource, shard_to_iterable_dataset
+
+    class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
+        pass
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ds_config = loop_cfg["deepspeed"]
+    if ds_config is not None:
+        import deepspeed
+
+        # Ray already created the process group; this makes DeepSpeed adopt it (and see the real world size).
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+    model_dir = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(model_dir)
+    work = Path(tempfile.mkdtemp(prefix=f"finemed-{cfg.run.name}-r{rank}-"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
+    t = cfg.train
+    bf16 = cfg.model.dtype == "bfloat16"
+    args = SFTConfig(
+        output_dir=str(work / "checkpoints"),
+        max_steps=loop_cfg["plan"]["max_steps"],
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to,
+        seed=cfg.run.seed,
+        bf16=bf16,
+        fp16=cfg.model.dtype == "float16",
+        use_cpu=not use_gpu,
+        ddp_backend="nccl" if use_gpu else "gloo",
+        deepspeed=ds_config,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        max_length=cfg.data.max_length,
+        dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenised, labelled and truncated
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=rank != 0,
+    )
+    # Built after the arguments: with ZeRO-3 they register the DeepSpeed config, so from_pretrained
+    # partitions the weights across ranks while loading instead of materialising a full copy per rank.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.model.dtype))
+
+    eos = tokenizer.eos_token_id
+    source = ShardSource(
+        ray.train.get_dataset_shard("train"),
+        probe_example={"input_ids": [eos], "labels": [eos]},
+        columns=("input_ids", "labels"),
+    )
+    features = datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32"))}
+    )
+    trainer = RaySFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=shard_to_iterable_dataset(source, features),
+        processing_class=tokenizer,
+        callbacks=[RayTrainReportCallback()],
+    )
+    source.arm()
+    t0 = time.time()
+    train_output = trainer.train()
+    train_seconds = time.time() - t0
+
+    export_local = work / "export"
+    trainer.save_model(str(export_local))  # every rank: ZeRO-3 gathers the full weights onto rank 0
+    seen = [None] * world
+    dist.all_gather_object(seen, {"count": len(source.seen_ids), "ids": source.seen_ids})
+    if rank == 0:
+        tokenizer.save_pretrained(str(export_local))
+        all_ids = [i for s in seen for i in s["ids"]]
+        history = loss_history(trainer.state.log_history)
+        finalize_export(
+            export_local,
+            cfg.output.export_path,
+            {
+                "stage": loop_cfg.get("stage", "sft"),
+                "run": cfg.run.name,
+                "parent_model": cfg.model.path,
+                "data": cfg.data.path,
+                "prepare": loop_cfg["prepare"],
+                "plan": loop_cfg["plan"],
+                "config": loop_cfg["job"],
+                "world_size": world,
+                "global_step": trainer.state.global_step,
+                "train_seconds": round(train_seconds, 3),
+                "train_loss": train_output.training_loss,
+                "samples_seen": len(all_ids),
+                "samples_seen_per_rank": [s["count"] for s in seen],
+                "distinct_samples_seen": len(set(all_ids)),
+                "loss_history": history,
+                "zero_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
+            },
+        )
+        tb = work / "tensorboard"
+        if tb.is_dir():
+            storage.upload_dir(str(tb), storage.join(cfg.run.storage_path, cfg.run.name, "tensorboard"))
+    dist.barrier()
+    ray.train.report(
+        {
+            "global_step": trainer.state.global_step,
+            "train_loss": train_output.training_loss,
+            "samples_seen_rank": len(source.seen_ids),
+            "done": True,
+        }
+    )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+class SFTJob:
+    """``setup`` checks every input before any compute; ``run`` prepares data and trains; ``save`` verifies the
+    export and writes the job summary."""
+
+    stage = "sft"
+
+    def __init__(self, cfg: SFTJobConfig):
+        self.cfg = cfg
+        self.run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
+        self.ds_config: dict | None = None
+        self.prepare_summary: dict[str, Any] | None = None
+        self.plan: StepPlan | None = None
+        self.result = None
+        self.t0 = time.time()
+
+    def setup(self) -> "SFTJob":
+        from finemed_ray.data.sft_prepare import input_files
+        from finemed_ray.models.loading import load_tokenizer, resolve_model_path
+
+        self.ds_config = load_deepspeed_config(self.cfg.deepspeed.config)
+        input_files(self.cfg.data.path)  # missing or empty data fails here, naming the path
+        load_tokenizer(resolve_model_path(self.cfg.model.path))  # no chat template fails here, naming the model
+        ensure_ray(self.cfg)
+        return self
+
+    def run(self) -> "SFTJob":
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from finemed_ray.data.sft_prepare import prepare_sft, read_prepared
+
+        cfg = self.cfg
+        summary = prepare_sft(
+            cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt
+        )
+        self.prepare_summary = summary.to_dict()
+        log.info("prepared data: %s", json.dumps(self.prepare_summary))
+        self.plan = plan_steps(summary.rows_valid, cfg)
+
+        fs, storage_path = storage.get_filesystem(cfg.run.storage_path)
+        trainer = TorchTrainer(
+            sft_train_loop,
+            train_loop_config={
+                "job": cfg.model_dump(mode="json"),
+                "deepspeed": self.ds_config,
+                "plan": self.plan.to_dict(),
+                "prepare": self.prepare_summary,
+                "stage": self.stage,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=storage_path,
+                storage_filesystem=fs,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
+                failure_config=FailureConfig(max_failures=0),
+            ),
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            datasets={"train": read_prepared(summary.prepared_uri)},
+        )
+        self.result = trainer.fit()
+        return self
+
+    def save(self) -> dict[str, Any]:
+        from finemed_ray.train.export import METADATA_FILE
+
+        export = self.cfg.output.export_path
+        if not storage.is_complete(export):
+            raise FinemedError(f"training finished but the export at {export} is incomplete")
+        meta = storage.read_json(storage.join(export, METADATA_FILE))
+        checkpoint = getattr(self.result, "checkpoint", None)
+        summary = {
+            "stage": self.stage,
+            "run": self.cfg.run.name,
+            "export_path": export,
+            "checkpoint": checkpoint.path if checkpoint else None,
+            "data": self.prepare_summary,
+            "plan": self.plan.to_dict() if self.plan else None,
+            "global_step": meta["global_step"],
+            "train_loss": meta["train_loss"],
+            "first_loss": meta["loss_history"][0]["loss"] if meta["loss_history"] else None,
+            "last_loss": meta["loss_history"][-1]["loss"] if meta["loss_history"] else None,
+            "samples_seen": meta["samples_seen"],
+            "seconds": round(time.time() - self.t0, 3),
+        }
+        storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
+        return summary
