@@ -321,8 +321,8 @@ def exists(uri: str) -> bool:
             try:
                 if _s3_object_exists(bucket, key):
                     return True
-                resp = s3_client().list_objects_v2(Bucket=bucket, Prefix=_dir_prefix(key), MaxKeys=1)
-                return bool(resp.get("KeyCount", 0))
+                # Empty "dir/" markers do not count: a prefix holding only those has no files (as list_files says).
+                return next(_iter_s3_keys(bucket, _dir_prefix(key)), None) is not None
             except ClientError as exc:
                 if _error_code(exc) == "NoSuchBucket":
                     return False

@@ -168,10 +168,20 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     train_output = trainer.train()
     train_seconds = time.time() - t0
 
+    # What this rank actually holds: under ZeRO-3 each parameter's local partition is `ds_tensor`.
+    params = list(trainer.model_wrapped.module.parameters() if ds_config else trainer.model.parameters())
+    engine_optimizer = getattr(trainer.model_wrapped, "optimizer", None) if ds_config else trainer.optimizer
+    sharding = {
+        "rank": rank,
+        "local_numel": sum(getattr(p, "ds_tensor", p).numel() for p in params),
+        "total_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        "optimizer": type(engine_optimizer).__name__,
+    }
+
     export_local = work / "export"
     trainer.save_model(str(export_local))  # every rank: ZeRO-3 gathers the full weights onto rank 0
     seen = [None] * world
-    dist.all_gather_object(seen, {"count": len(source.seen_ids), "ids": source.seen_ids})
+    dist.all_gather_object(seen, {"count": len(source.seen_ids), "ids": source.seen_ids, "sharding": sharding})
     if rank == 0:
         tokenizer.save_pretrained(str(export_local))
         all_ids = [i for s in seen for i in s["ids"]]
@@ -196,6 +206,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
                 "distinct_samples_seen": len(set(all_ids)),
                 "loss_history": history,
                 "zero_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
+                "sharding_per_rank": [s["sharding"] for s in seen],
             },
         )
         tb = work / "tensorboard"

