@@ -38,3 +38,60 @@ def s3_prefix(s3: EmbeddedS3, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh ``s3://finemed-test/<test-name>-<uuid8>`` prefix for one test."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name).strip("-")[:60]
     yield f"s3://finemed-test/{name}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------------------------------------- environment
+import os  # noqa: E402
+
+# Offline, local and quiet: no hub lookups, no Ray token auth on throwaway local clusters, DeepSpeed on CPU.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+# ---------------------------------------------------------------------------------------------- tiny model
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny Llama-style model + tokenizer, built once per session in a local directory."""
+    from finemed_ray.models.tiny import save_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    save_tiny_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_s3(tiny_model_dir, s3):
+    """The same tiny model published to the embedded S3 server."""
+    from finemed_ray import storage
+
+    uri = "s3://finemed-test/models/tiny"
+    storage.publish_dir(str(tiny_model_dir), uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3):
+    """A local Ray cluster for in-process jobs, one module at a time (so it never runs beside the `ray start`
+    cluster of tests/test_ray_job.py). Started after the S3 fixture so its workers inherit the S3
+    environment; 4 logical CPUs so two training workers leave room for Ray Data tasks (2 would deadlock)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "DS_"))}})
+    yield ray
+    ray.shutdown()

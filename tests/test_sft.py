@@ -44,7 +44,7 @@ def trained(tiny_model_s3, ray_cluster, s3):
     rows = sample_sft_rows(n=N_ROWS, seed=0, paraphrases="train", system_prompt=None)
     data_uri = f"{prefix}/data/sft.jsonl"
     write_jsonl(rows + bad_sft_rows(), data_uri)
-    cfg = sft_config(prefix, tiny_model_s3, data_uri, "train.epochs=4", "train.per_device_batch_size=4",
+    cfg = sft_config(prefix, tiny_model_s3, data_uri, "train.epochs=8", "train.per_device_batch_size=4", "train.learning_rate=3e-3",
                      "train.save_steps=10", "run.name=sft-test")
     job = SFTJob(cfg).setup()
     job.run()
@@ -117,7 +117,7 @@ def test_export_reloads_and_generates(trained, tmp_path):
     out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     reply = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert reply.strip(), "export generated nothing"
-    # Trained 4 epochs on this exact row: the greedy reply reproduces the start of the answer.
+    # Trained 8 epochs on this exact row: the greedy reply reproduces the start of the answer.
     answer = row["messages"][1]["content"]
     assert reply.strip()[:10] == answer[:10], (reply, answer)
 

@@ -137,6 +137,7 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
                 system_prompt: str | None = None) -> PrepareSummary:
     """Tokenise ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into ``<out_uri>/quarantine``."""
     import ray.data
+    from ray.data.expressions import col
 
     t0 = time.time()
     files, fmt = input_files(input_uri)
@@ -159,7 +160,9 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     ).write_parquet(prepared_path, filesystem=out_fs)
 
     summary = PrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri)
-    stats = ray.data.read_parquet(prepared_path, filesystem=out_fs, columns=["num_tokens", "truncated", "error"])
+    stats = ray.data.read_parquet(prepared_path, filesystem=out_fs).select_columns(
+        ["num_tokens", "truncated", "error"]
+    )
     for batch in stats.iter_batches(batch_format="pyarrow", batch_size=65536):
         err = batch.column("error")
         ok = pc.is_null(err)
@@ -173,8 +176,10 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     summary.rows_quarantined = summary.rows_in - summary.rows_valid
 
     if summary.rows_quarantined:
-        bad = ray.data.read_parquet(prepared_path, filesystem=out_fs, columns=["error", "raw"]).filter(
-            expr="error is not null"
+        bad = (
+            ray.data.read_parquet(prepared_path, filesystem=out_fs)
+            .select_columns(["error", "raw"])
+            .filter(expr=col("error").is_not_null())
         )
         q_fs, q_path = storage.get_filesystem(quarantine_uri)
         bad.map_batches(
@@ -196,8 +201,12 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
 def read_prepared(prepared_uri: str):
     """The good rows of a prepared dataset, as a Ray Dataset of ``id``, ``input_ids``, ``labels``."""
     import ray.data
+    from ray.data.expressions import col
 
     fs, path = storage.get_filesystem(prepared_uri)
-    return ray.data.read_parquet(path, filesystem=fs, columns=["id", "input_ids", "labels", "error"]).filter(
-        expr="error is null"
-    ).select_columns(["id", "input_ids", "labels"])
+    return (
+        ray.data.read_parquet(path, filesystem=fs)
+        .select_columns(["id", "input_ids", "labels", "error"])
+        .filter(expr=col("error").is_null())
+        .select_columns(["id", "input_ids", "labels"])
+    )

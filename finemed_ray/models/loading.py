@@ -1,0 +1,128 @@
+"""Load a model / tokenizer from a local directory, an ``s3://`` prefix, or a hub id, failing with ModelError.
+
+S3 prefixes are downloaded once into the local cache (:func:`finemed_ray.storage.materialize_local`); local
+directories must hold a ``config.json``; anything else is passed to ``from_pretrained`` as a hub id (offline
+machines then need it in the HF cache).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from finemed_ray.errors import FinemedError, ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is "name" or "org/name"; anything absolute, relative-explicit, ~-based or deeper is a local path.
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or os.sep != "/" and os.sep in path
+        or os.path.exists(path)
+    )
+
+
+def resolve_model_path(path: str, required: tuple[str, ...] = ("config.json",)) -> str:
+    """A path ``from_pretrained`` can load: s3:// -> local cache copy; local dirs checked; hub ids unchanged.
+
+    ``required``: the local directory must contain at least one of these files (``config.json`` by default).
+    """
+    from finemed_ray import storage
+
+    if not isinstance(path, str) or not path.strip():
+        raise ModelError(f"model path {path!r}: empty; give a local directory, an s3:// prefix or a hub id")
+    if storage.is_s3(path):
+        try:
+            local = storage.materialize_local(path)
+        except FinemedError as exc:
+            raise ModelError(f"{path}: cannot download the model: {exc}") from exc
+        source = f"{path} (downloaded to {local})"
+    elif _looks_local(path):
+        local = os.path.expanduser(path)
+        source = path
+    else:
+        return path  # hub id
+    if not os.path.isdir(local):
+        what = "is a file, not a model directory" if os.path.exists(local) else "does not exist"
+        raise ModelError(f"{source}: {what}")
+    if not any(os.path.isfile(os.path.join(local, name)) for name in required):
+        raise ModelError(
+            f"{source}: no {' or '.join(required)} in this directory; not a saved transformers model "
+            "(save one with save_pretrained)"
+        )
+    return local
+
+
+def load_tokenizer(path: str, require_chat_template: bool = True) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` from ``path`` (local, s3:// or hub id); pad defaults to eos when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    local = resolve_model_path(path, required=("config.json", *_TOKENIZER_FILES))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs the path
+        raise ModelError(f"{path}: cannot load tokenizer: {type(exc).__name__}: {exc}") from exc
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"{path}: tokenizer has no chat template; pass one with model.chat_template=... or use an instruct model"
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{path}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
+    """``AutoModelForCausalLM`` from ``path`` (local, s3:// or hub id) in ``dtype``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _torch_dtype(dtype)
+    local = resolve_model_path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from exc
+    model.eval()
+    return model
+
+
+def generate_reply(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    max_new_tokens: int = 32,
+    greedy: bool = True,
+) -> str:
+    """One assistant reply to ``messages`` (rendered with the chat template), special tokens stripped."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
+    if greedy:  # silence warnings about sampling settings a model's generation_config may carry
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    with torch.no_grad():
+        out = model.generate(**inputs, **gen_kwargs)
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
