@@ -61,12 +61,23 @@ def run(argv: list[str] | None = None) -> dict:
         export = cfg.output.export_path
         local = resolve_model_path(export)
         tokenizer, model = load_tokenizer(local), load_model(local)
-        question = sample_sft_rows(paraphrases="heldout", system_prompt=None)[0]["messages"][0]["content"]
-        messages = [{"role": "system", "content": cfg.data.system_prompt}, {"role": "user", "content": question}]
-        reply = generate_reply(model, tokenizer, [m for m in messages if m["content"]], max_new_tokens=40)
-        print(f"[5/5] export {export} reloaded; generating a reply", flush=True)
-        print(f"\n  Q: {question}\n  A: {reply}\n", flush=True)
-        summary.update({"demo_question": question, "demo_reply": reply, "demo_seconds": round(time.time() - t0, 1)})
+        # One question worded as in training, one held-out paraphrase: the tiny model memorises the first; the
+        # second shows how far 2 layers x 128 generalise (issue 3 measures this properly, as an MCQ accuracy).
+        questions = {
+            "trained wording": rows[0]["messages"][0]["content"],
+            "held-out wording": sample_sft_rows(paraphrases="heldout", system_prompt=None)[0]["messages"][0]["content"],
+        }
+        print(f"[5/5] export {export} reloaded from S3; greedy replies:", flush=True)
+        replies = {}
+        for label, question in questions.items():
+            messages = [{"role": "user", "content": question}]
+            if cfg.data.system_prompt:
+                messages.insert(0, {"role": "system", "content": cfg.data.system_prompt})
+            replies[label] = {"question": question,
+                              "reply": generate_reply(model, tokenizer, messages, max_new_tokens=40)}
+            print(f"\n  ({label}) Q: {question}\n  A: {replies[label]['reply']}", flush=True)
+        print(flush=True)
+        summary.update({"demo_replies": replies, "demo_seconds": round(time.time() - t0, 1)})
         import ray
 
         ray.shutdown()
