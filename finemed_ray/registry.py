@@ -10,8 +10,9 @@ from finemed_ray.errors import ConfigError
 
 def config_classes() -> dict[str, type]:
     from finemed_ray.train.configs import SFTJobConfig
+    from finemed_ray.train.recipe import RecipeConfig
 
-    return {"sft": SFTJobConfig}
+    return {"sft": SFTJobConfig, "recipe": RecipeConfig}
 
 
 def config_class_for(path: str | Path) -> type:

@@ -21,6 +21,8 @@ def test_configs_dir_not_empty():
 def test_every_config_file_loads(path):
     cfg = load_config(config_class_for(path), path)
     assert cfg.model_dump()  # validated into a typed object
+    if hasattr(cfg, "stage_configs"):  # recipes: every stage must validate as its own stage config
+        assert len(cfg.stage_configs()) == len(cfg.stages)
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
@@ -94,3 +96,23 @@ def test_unsafe_run_name_rejected():
 def test_unknown_config_file_prefix():
     with pytest.raises(ConfigError, match="no config schema"):
         config_class_for("configs/whatever.yaml")
+
+
+def test_recipe_stage_typo_is_named_before_anything_runs():
+    from finemed_ray.train.recipe import RecipeConfig
+
+    recipe = load_config(RecipeConfig, ROOT / "configs/recipe_curriculum_tiny.yaml")
+    recipe.stages[2].overrides = {"data": {"departmnt": "Surgery"}}
+    with pytest.raises(ConfigError, match=r"(?s)stages\[2\] \(stage3-endocrinology\).*data\.departmnt: unknown key"):
+        recipe.stage_configs()
+
+
+def test_recipe_chains_stage_exports():
+    from finemed_ray.train.recipe import RecipeConfig
+
+    recipe = load_config(RecipeConfig, ROOT / "configs/recipe_curriculum_tiny.yaml")
+    s1, s2, s3 = recipe.stage_configs()
+    assert s1.model.path == recipe.base_model
+    assert s2.model.path == s1.output.export_path and s3.model.path == s2.output.export_path
+    assert s3.data.subdepartment == "Endocrinology" and s1.data.eval_fraction == 0.1
+    assert s1.run.name == "curriculum-tiny-stage1-all"

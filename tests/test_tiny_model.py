@@ -262,7 +262,7 @@ def test_tokenizer_without_chat_template_is_model_error(tokenizer, tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("chat_template", None)
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match=r"no-template: tokenizer has no chat template; pass one with"):
+    with pytest.raises(ModelError, match=r"no-template: tokenizer has no chat template; use a chat/instruct model"):
         loading.load_tokenizer(str(out))
     tok = loading.load_tokenizer(str(out), require_chat_template=False)
     assert not tok.chat_template and tok.pad_token == tiny.PAD_TOKEN

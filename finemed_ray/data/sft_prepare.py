@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from finemed_ray import storage
 from finemed_ray.data.tokenize import IGNORE_INDEX, TemplateError, tokenize_conversation, with_system_prompt
@@ -38,6 +37,7 @@ PREPARED_SCHEMA = pa.schema(
         ("department", pa.string()),
         ("subdepartment", pa.string()),
         ("source", pa.string()),
+        ("split", pa.string()),  # good rows: "train" | "eval" | "filtered" (outside the department filter)
         ("error", pa.string()),  # null for good rows; the quarantine reason otherwise
         ("raw", pa.string()),  # the row as read, kept for bad rows only
     ]
@@ -53,7 +53,12 @@ class PrepareSummary:
     rows_valid: int = 0
     rows_quarantined: int = 0
     rows_truncated: int = 0
+    rows_filtered_out: int = 0  # valid rows outside data.department / data.subdepartment
+    rows_train: int = 0
+    rows_eval: int = 0
     tokens_valid: int = 0
+    tokens_train: int = 0
+    departments: dict[str, int] = field(default_factory=dict)  # valid rows per "primary / secondary" label
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -79,6 +84,33 @@ def _row_id(raw: str) -> str:
     return "h" + hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class RowSelection:
+    """Which valid rows a stage trains on, and which it holds out for eval loss."""
+
+    department: str | None = None  # primary department, compared case-insensitively
+    subdepartment: str | None = None  # secondary department, compared case-insensitively
+    eval_fraction: float = 0.0
+
+    def describe(self) -> str:
+        parts = [f"data.{k}={v!r}" for k, v in (("department", self.department),
+                                                ("subdepartment", self.subdepartment)) if v]
+        return ", ".join(parts) or "no filter"
+
+    def split_of(self, row_id: str, department: str | None, subdepartment: str | None) -> str:
+        if self.department and _norm(department) != _norm(self.department):
+            return "filtered"
+        if self.subdepartment and _norm(subdepartment) != _norm(self.subdepartment):
+            return "filtered"
+        # A stable hash of the id, not a random draw: the same row lands in the same split on every run/worker.
+        bucket = int(hashlib.sha1(row_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return "eval" if bucket < self.eval_fraction else "train"
+
+
+def _norm(label: str | None) -> str:
+    return " ".join((label or "").split()).casefold()
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(path: str):
     from finemed_ray.models.loading import load_tokenizer
@@ -87,7 +119,7 @@ def _cached_tokenizer(path: str):
 
 
 def prepare_batch(batch: pa.Table, tokenizer_path: str, max_length: int, system_prompt: str | None,
-                  fmt: str) -> pa.Table:
+                  fmt: str, selection: RowSelection = RowSelection()) -> pa.Table:
     """Validate + tokenise one Arrow batch; every input row yields exactly one output row."""
     tok = _cached_tokenizer(tokenizer_path)
     if fmt == "jsonl":
@@ -115,7 +147,8 @@ def prepare_batch(batch: pa.Table, tokenizer_path: str, max_length: int, system_
                    f"(conversation has {result['num_tokens']} tokens)")
         good = err is None
         rid = row.get("id") if isinstance(row, dict) and isinstance(row.get("id"), str) else None
-        out["id"].append(rid or _row_id(raw))
+        rid = rid or _row_id(raw)
+        out["id"].append(rid)
         out["input_ids"].append(result["input_ids"] if good else None)
         out["labels"].append(result["labels"] if good else None)
         out["num_tokens"].append(result["num_tokens"] if good else None)
@@ -123,6 +156,7 @@ def prepare_batch(batch: pa.Table, tokenizer_path: str, max_length: int, system_
         for key in ("department", "subdepartment", "source"):
             v = row.get(key) if isinstance(row, dict) else None
             out[key].append(v if isinstance(v, str) else None)
+        out["split"].append(selection.split_of(rid, out["department"][-1], out["subdepartment"][-1]) if good else None)
         out["error"].append(err)
         out["raw"].append(None if good else raw)
     return pa.Table.from_pydict(out, schema=PREPARED_SCHEMA)
@@ -134,7 +168,7 @@ def _reason_kind(reason: str) -> str:
 
 
 def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: int,
-                system_prompt: str | None = None) -> PrepareSummary:
+                system_prompt: str | None = None, selection: RowSelection = RowSelection()) -> PrepareSummary:
     """Tokenise ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into ``<out_uri>/quarantine``."""
     import ray.data
     from ray.data.expressions import col
@@ -156,23 +190,33 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
-        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, system_prompt=system_prompt, fmt=fmt),
+        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, system_prompt=system_prompt, fmt=fmt,
+                       selection=selection),
     ).write_parquet(prepared_path, filesystem=out_fs)
 
     summary = PrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri)
     stats = ray.data.read_parquet(prepared_path, filesystem=out_fs).select_columns(
-        ["num_tokens", "truncated", "error"]
+        ["num_tokens", "truncated", "split", "department", "subdepartment", "error"]
     )
     for batch in stats.iter_batches(batch_format="pyarrow", batch_size=65536):
-        err = batch.column("error")
-        ok = pc.is_null(err)
         summary.rows_in += batch.num_rows
-        summary.rows_valid += pc.sum(ok.cast(pa.int64())).as_py() or 0
-        summary.tokens_valid += pc.sum(pc.filter(batch.column("num_tokens"), ok)).as_py() or 0
-        summary.rows_truncated += pc.sum(pc.filter(batch.column("truncated"), ok).cast(pa.int64())).as_py() or 0
-        for reason in pc.filter(err, pc.invert(ok)).to_pylist():
-            kind = _reason_kind(reason)
-            summary.quarantine_reasons[kind] = summary.quarantine_reasons.get(kind, 0) + 1
+        for row in batch.to_pylist():
+            if row["error"] is not None:
+                kind = _reason_kind(row["error"])
+                summary.quarantine_reasons[kind] = summary.quarantine_reasons.get(kind, 0) + 1
+                continue
+            summary.rows_valid += 1
+            summary.tokens_valid += row["num_tokens"]
+            summary.rows_truncated += int(row["truncated"])
+            label = f"{row['department'] or '-'} / {row['subdepartment'] or '-'}"
+            summary.departments[label] = summary.departments.get(label, 0) + 1
+            if row["split"] == "filtered":
+                summary.rows_filtered_out += 1
+            elif row["split"] == "eval":
+                summary.rows_eval += 1
+            else:
+                summary.rows_train += 1
+                summary.tokens_train += row["num_tokens"]
     summary.rows_quarantined = summary.rows_in - summary.rows_valid
 
     if summary.rows_quarantined:
@@ -195,18 +239,23 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
             f"{input_uri}: no valid rows ({summary.rows_quarantined} quarantined to {quarantine_uri}; "
             f"reasons: {json.dumps(summary.quarantine_reasons)})"
         )
+    if summary.rows_train == 0:
+        raise DataError(
+            f"{input_uri}: the filter {selection.describe()} selects no training rows "
+            f"({summary.rows_valid} valid rows; departments present: {json.dumps(summary.departments)})"
+        )
     return summary
 
 
-def read_prepared(prepared_uri: str):
-    """The good rows of a prepared dataset, as a Ray Dataset of ``id``, ``input_ids``, ``labels``."""
+def read_prepared(prepared_uri: str, split: str = "train"):
+    """One split of a prepared dataset's good rows, as a Ray Dataset of ``id``, ``input_ids``, ``labels``."""
     import ray.data
     from ray.data.expressions import col
 
     fs, path = storage.get_filesystem(prepared_uri)
     return (
         ray.data.read_parquet(path, filesystem=fs)
-        .select_columns(["id", "input_ids", "labels", "error"])
-        .filter(expr=col("error").is_null())
+        .select_columns(["id", "input_ids", "labels", "split", "error"])
+        .filter(expr=col("error").is_null() & (col("split") == split))
         .select_columns(["id", "input_ids", "labels"])
     )

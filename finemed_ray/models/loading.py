@@ -72,7 +72,8 @@ def load_tokenizer(path: str, require_chat_template: bool = True) -> PreTrainedT
         raise ModelError(f"{path}: cannot load tokenizer: {type(exc).__name__}: {exc}") from exc
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise ModelError(
-            f"{path}: tokenizer has no chat template; pass one with model.chat_template=... or use an instruct model"
+            f"{path}: tokenizer has no chat template; use a chat/instruct model or add a chat_template "
+            "to its tokenizer_config.json"
         )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

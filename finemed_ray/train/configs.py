@@ -40,6 +40,15 @@ class DataSection(StrictModel):
         "You are a helpful professional doctor.",
         description="System message added to conversations that have none (paper's prompt); null for none.",
     )
+    department: str | None = Field(
+        None, description="Train only on rows of this primary department (curriculum stage 2); null keeps all."
+    )
+    subdepartment: str | None = Field(
+        None, description="Train only on rows of this secondary department (curriculum stage 3); null keeps all."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of selected rows held out for eval loss, by a stable id hash (paper 0.1)."
+    )
 
 
 class TrainSection(StrictModel):
@@ -58,6 +67,9 @@ class TrainSection(StrictModel):
         None, ge=1, description="Stop after this many optimizer steps; null = epochs x rows / effective batch."
     )
     logging_steps: int = Field(1, ge=1, description="Log loss and learning rate every N steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Eval loss every N steps (and always at the end); null = only at the end."
+    )
     save_steps: int = Field(50, ge=1, description="Checkpoint to <storage_path>/<name> every N steps and at the end.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept in storage; null keeps all.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

@@ -59,8 +59,14 @@ class RayShardDataLoaderMixin:
     """Put before a TRL/HF trainer class: the train DataLoader reads this rank's shard as is (no re-sharding).
 
     Batches are moved to the device by the Trainer's ``_prepare_inputs``; DeepSpeed does not need a prepared
-    loader. Evaluation loaders are left to the base class."""
+    loader. The same holds for evaluation: each rank evaluates its own eval shard and the Trainer gathers the
+    losses across ranks."""
 
     def get_train_dataloader(self) -> DataLoader:  # type: ignore[override]
         collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=collator, num_workers=0)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:  # type: ignore[override]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        collator = self._get_collator_with_removed_columns(self.data_collator, description="evaluation")
+        return DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=collator, num_workers=0)

@@ -54,10 +54,13 @@ class StepPlan:
 
 
 def plan_steps(rows_valid: int, cfg: SFTJobConfig) -> StepPlan:
+    """``rows_valid``: the training rows (valid, selected, not held out for eval)."""
     workers = cfg.scaling.num_workers
     per_worker = rows_valid // workers
     if per_worker == 0:
-        raise FinemedError(f"{cfg.data.path}: {rows_valid} valid rows is fewer than scaling.num_workers={workers}")
+        raise FinemedError(
+            f"{cfg.data.path}: {rows_valid} training rows is fewer than scaling.num_workers={workers}"
+        )
     micro = cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps
     steps_per_epoch = math.ceil(per_worker / micro)
     max_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
@@ -143,6 +146,9 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=rank != 0,
+        eval_strategy="steps" if loop_cfg["has_eval"] and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.per_device_batch_size,
     )
     # Built after the arguments: with ZeRO-3 they register the DeepSpeed config, so from_pretrained
     # partitions the weights across ranks while loading instead of materialising a full copy per rank.
@@ -157,17 +163,25 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     features = datasets.Features(
         {"input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32"))}
     )
+    eval_source = None
+    if loop_cfg["has_eval"]:
+        eval_source = ShardSource(ray.train.get_dataset_shard("eval"), source.probe_example, source.columns)
     trainer = RaySFTTrainer(
         model=model,
         args=args,
         train_dataset=shard_to_iterable_dataset(source, features),
+        eval_dataset=shard_to_iterable_dataset(eval_source, features) if eval_source else None,
         processing_class=tokenizer,
         callbacks=[RayTrainReportCallback()],
     )
     source.arm()
+    if eval_source:
+        eval_source.arm()
     t0 = time.time()
     train_output = trainer.train()
     train_seconds = time.time() - t0
+    # Final eval loss on the held-out split (paper: 10%), on every rank: ZeRO-3 forward passes are collective.
+    eval_metrics = trainer.evaluate() if eval_source else {}
 
     # What this rank actually holds: under ZeRO-3 each parameter's local partition is `ds_tensor`.
     params = list(trainer.model_wrapped.module.parameters() if ds_config else trainer.model.parameters())
@@ -206,9 +220,18 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
                 "samples_seen_per_rank": [s["count"] for s in seen],
                 "distinct_samples_seen": len(set(all_ids)),
                 "loss_history": history,
+                "eval_loss": eval_metrics.get("eval_loss"),
+                "eval_history": [
+                    {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
+                ],
                 "zero_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
                 "sharding_per_rank": [s["sharding"] for s in seen],
             },
+        )
+        # Which rows each rank trained on, for audits and for checking resume/filters (ids only, no text).
+        storage.write_json(
+            storage.join(cfg.run.storage_path, cfg.run.name, "samples_seen.json"),
+            {"per_rank": [s["ids"] for s in seen]},
         )
         tb = work / "tensorboard"
         if tb.is_dir():
@@ -257,15 +280,24 @@ class SFTJob:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from finemed_ray.data.sft_prepare import prepare_sft, read_prepared
+        from finemed_ray.data.sft_prepare import RowSelection, prepare_sft, read_prepared
 
         cfg = self.cfg
+        selection = RowSelection(cfg.data.department, cfg.data.subdepartment, cfg.data.eval_fraction)
         summary = prepare_sft(
-            cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt
+            cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt, selection
         )
         self.prepare_summary = summary.to_dict()
         log.info("prepared data: %s", json.dumps(self.prepare_summary))
-        self.plan = plan_steps(summary.rows_valid, cfg)
+        self.plan = plan_steps(summary.rows_train, cfg)
+        datasets = {"train": read_prepared(summary.prepared_uri, "train")}
+        if summary.rows_eval:
+            if summary.rows_eval < cfg.scaling.num_workers:
+                raise FinemedError(
+                    f"data.eval_fraction={cfg.data.eval_fraction} holds out {summary.rows_eval} rows, fewer than "
+                    f"scaling.num_workers={cfg.scaling.num_workers}; raise it or set it to 0"
+                )
+            datasets["eval"] = read_prepared(summary.prepared_uri, "eval")
 
         fs, storage_path = storage.get_filesystem(cfg.run.storage_path)
         trainer = TorchTrainer(
@@ -276,6 +308,7 @@ class SFTJob:
                 "plan": self.plan.to_dict(),
                 "prepare": self.prepare_summary,
                 "stage": self.stage,
+                "has_eval": "eval" in datasets,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
@@ -290,7 +323,7 @@ class SFTJob:
                 failure_config=FailureConfig(max_failures=0),
             ),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-            datasets={"train": read_prepared(summary.prepared_uri)},
+            datasets=datasets,
         )
         self.result = trainer.fit()
         return self
@@ -315,6 +348,7 @@ class SFTJob:
             "plan": self.plan.to_dict() if self.plan else None,
             "global_step": meta["global_step"],
             "train_loss": meta["train_loss"],
+            "eval_loss": meta.get("eval_loss"),
             "first_loss": meta["loss_history"][0]["loss"] if meta["loss_history"] else None,
             "last_loss": meta["loss_history"][-1]["loss"] if meta["loss_history"] else None,
             "samples_seen": meta["samples_seen"],

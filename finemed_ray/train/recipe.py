@@ -1,0 +1,92 @@
+"""A training recipe: SFT stages run in sequence, each starting from the previous stage's export.
+
+FineMedLM's curriculum is three SFT stages (all medical data -> one primary department -> one secondary
+department). A recipe is a shared ``defaults`` SFT config plus per-stage overrides; every stage is an ordinary
+``SFTJob`` (so each also runs alone through ``jobs.sft``) and writes its own export with its parent recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from finemed_ray import storage
+from finemed_ray.config import StrictModel, apply_overrides, validate
+from finemed_ray.errors import ConfigError
+from finemed_ray.train.configs import SFTJobConfig
+
+
+class StageSpec(StrictModel):
+    name: str = Field(description="Stage name; run name <recipe>-<stage> and export <export_root>/<stage>.")
+    kind: str = Field("sft", description="Stage type; 'sft' (reasoning SFT and DPO arrive with the DPO stage).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Nested SFT config keys changed for this stage, e.g. data.department."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if not v or "/" in v or ".." in v:
+            raise ValueError("must be a plain name without '/' or '..'")
+        return v
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v != "sft":
+            raise ValueError(f"unsupported stage kind {v!r}; supported: 'sft'")
+        return v
+
+
+class RecipeConfig(StrictModel):
+    name: str = Field(description="Recipe name; prefixes every stage's run name.")
+    base_model: str = Field(description="Model the first stage starts from (local, s3:// or hub id).")
+    export_root: str = Field(description="Stage exports go to <export_root>/<stage name> (local or s3://).")
+    defaults: dict[str, Any] = Field(
+        description="SFT config shared by all stages (same keys as configs/sft_*.yaml, minus model/output)."
+    )
+    stages: list[StageSpec] = Field(min_length=1, description="Stages in order; each starts from the last export.")
+
+    def stage_configs(self) -> list[SFTJobConfig]:
+        """Validate every stage up front, so a typo in stage 3 fails before stage 1 trains."""
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: duplicate stage names {names}")
+        out, parent = [], self.base_model
+        for i, stage in enumerate(self.stages):
+            data = apply_overrides(self.defaults, [])
+            _deep_update(data, stage.overrides)
+            data.setdefault("run", {})["name"] = f"{self.name}-{stage.name}"
+            data.setdefault("model", {})["path"] = parent
+            data.setdefault("output", {})["export_path"] = storage.join(self.export_root, stage.name)
+            cfg = validate(SFTJobConfig, data, source=f"stages[{i}] ({stage.name})")
+            out.append(cfg)
+            parent = cfg.output.export_path
+        return out
+
+
+def _deep_update(base: dict, update: dict) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+def run_recipe(recipe: RecipeConfig, only: list[str] | None = None) -> dict[str, Any]:
+    """Run the stages (all, or the named ones: a later stage alone needs its parent's export to exist)."""
+    from finemed_ray.train.sft import SFTJob
+
+    t0 = time.time()
+    results = []
+    for spec, cfg in zip(recipe.stages, recipe.stage_configs()):
+        if only and spec.name not in only:
+            continue
+        job = SFTJob(cfg)
+        job.stage = f"{spec.kind}:{spec.name}"
+        job.setup()
+        job.run()
+        results.append(job.save())
+    return {"recipe": recipe.name, "stages": results, "seconds": round(time.time() - t0, 3)}
