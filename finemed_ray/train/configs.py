@@ -89,6 +89,9 @@ class ScalingSection(StrictModel):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each; one GPU each with use_gpu).")
     use_gpu: bool = Field(False, description="Give each worker a GPU and use NCCL; false = CPU workers and gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes; STRICT_SPREAD puts each worker on its own node."
+    )
 
 
 class RaySection(StrictModel):

@@ -191,6 +191,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         "local_numel": sum(getattr(p, "ds_tensor", p).numel() for p in params),
         "total_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         "optimizer": type(engine_optimizer).__name__,
+        "node_id": ray.get_runtime_context().get_node_id(),
     }
 
     export_local = work / "export"
@@ -314,6 +315,7 @@ class SFTJob:
                 num_workers=cfg.scaling.num_workers,
                 use_gpu=cfg.scaling.use_gpu,
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                placement_strategy=cfg.scaling.placement_strategy,
             ),
             run_config=RunConfig(
                 name=cfg.run.name,
