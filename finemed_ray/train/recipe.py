@@ -7,13 +7,14 @@ department). A recipe is a shared ``defaults`` SFT config plus per-stage overrid
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from finemed_ray import storage
-from finemed_ray.config import StrictModel, apply_overrides, validate
+from finemed_ray.config import StrictModel, validate
 from finemed_ray.errors import ConfigError
 from finemed_ray.train.configs import SFTJobConfig
 
@@ -56,7 +57,7 @@ class RecipeConfig(StrictModel):
             raise ConfigError(f"stages: duplicate stage names {names}")
         out, parent = [], self.base_model
         for i, stage in enumerate(self.stages):
-            data = apply_overrides(self.defaults, [])
+            data = copy.deepcopy(self.defaults)
             _deep_update(data, stage.overrides)
             data.setdefault("run", {})["name"] = f"{self.name}-{stage.name}"
             data.setdefault("model", {})["path"] = parent
