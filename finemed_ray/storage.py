@@ -13,6 +13,7 @@ S3 settings come from the standard AWS environment variables: ``AWS_ENDPOINT_URL
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import hashlib
 import json
@@ -154,6 +155,11 @@ def clear_fs_cache() -> None:
     with _cache_lock:
         _fs_cache.clear()
         _client_cache.clear()
+
+
+# pyarrow.fs finalizes the AWS SDK in an atexit hook (registered at its import, above). atexit runs hooks
+# last-in-first-out, so this one runs first and releases our cached filesystems while the SDK is still alive.
+atexit.register(clear_fs_cache)
 
 
 def _s3_filesystem(settings: _S3Settings) -> pafs.S3FileSystem:

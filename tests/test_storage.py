@@ -379,7 +379,10 @@ def test_s3_filesystem_pickles_and_works_elsewhere(s3_prefix: str) -> None:
 
     # Like a Ray worker: another process, no AWS variables at all; endpoint and credentials travel in the pickle.
     code = (
-        "import pickle, sys; fs = pickle.loads(sys.stdin.buffer.read()); "
+        # Unpickling alone imports only pyarrow._s3fs, which does not register pyarrow's atexit S3 finalizer, and
+        # the process then dies with SIGSEGV at exit (seen in CI). A Ray worker imports finemed_ray.storage
+        # (and so pyarrow.fs) before it touches a filesystem; do the same here.
+        "import pickle, sys, finemed_ray.storage; fs = pickle.loads(sys.stdin.buffer.read()); "
         f"sys.stdout.write(fs.open_input_stream({path!r}).read().decode())"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
