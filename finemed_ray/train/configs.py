@@ -16,6 +16,9 @@ class RunSection(StrictModel):
         description="Ray Train RunConfig storage: s3://bucket/prefix or a local directory shared by all nodes."
     )
     seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    max_failures: int = Field(
+        2, ge=-1, description="Restarts from the last checkpoint after a worker dies (Ray FailureConfig); -1 = no limit."
+    )
 
     @field_validator("name")
     @classmethod

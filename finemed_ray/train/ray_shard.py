@@ -16,31 +16,66 @@ import hashlib
 from typing import Any, Iterator
 
 import datasets
+from ray.train import DataConfig
 from torch.utils.data import DataLoader
 
 
 class ShardSource:
-    """Iterates the rows of a Ray ``DataIterator`` and records which sample ids were handed to the trainer."""
+    """Iterates the rows of a Ray ``DataIterator`` and records which sample ids were handed to the trainer.
+
+    One call of ``rows()`` is one epoch over this worker's shard. After ``resume()`` the first epoch skips the
+    rows a checkpoint says were already trained, checking their ids against the checkpoint's digest."""
 
     def __init__(self, shard: Any, probe_example: dict[str, list[int]], columns: tuple[str, ...]):
         self.shard = shard
         self.probe_example = probe_example
         self.columns = columns
         self.armed = False
-        self.epoch = 0
-        self.seen_ids: list[str] = []
+        self.epoch = 0  # the epoch the next call of rows() runs
+        self.seen_ids: list[str] = []  # every id handed out, all epochs (and, after resume, earlier attempts)
+        self.epoch_ids: list[str] = []  # ids handed out in epoch `_rows_epoch`
+        self._rows_epoch = 0
+        self._skip = 0
+        self._skip_digest: str | None = None
 
     def arm(self) -> None:
         self.armed = True
+
+    def resume(self, epoch: int, skip_rows: int, skip_digest: str, seen_ids: list[str]) -> None:
+        self.epoch = epoch
+        self._skip, self._skip_digest = skip_rows, skip_digest
+        self.seen_ids = list(seen_ids)
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, rows of it handed out so far)."""
+        return self._rows_epoch, len(self.epoch_ids)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         if not self.armed:
             yield dict(self.probe_example)
             return
+        from finemed_ray.errors import FinemedError
+        from finemed_ray.train.resume import ids_digest
+
+        self._rows_epoch, self.epoch_ids = self.epoch, []
+        skip, self._skip = self._skip, 0
         for row in self.shard.iter_rows():
+            self.epoch_ids.append(row["id"])
+            if len(self.epoch_ids) <= skip:  # trained before the restart: already in seen_ids
+                if len(self.epoch_ids) == skip and ids_digest(self.epoch_ids) != self._skip_digest:
+                    raise FinemedError(
+                        f"cannot resume exactly: epoch {self.epoch} of this worker's shard no longer starts with "
+                        f"the {skip} rows the checkpoint recorded (the prepared data or its order changed)"
+                    )
+                continue
             self.seen_ids.append(row["id"])
             # Arrow list columns arrive as numpy arrays; the collator wants plain lists of ints.
             yield {c: row[c].tolist() if hasattr(row[c], "tolist") else row[c] for c in self.columns}
+        if len(self.epoch_ids) < skip:
+            raise FinemedError(
+                f"cannot resume exactly: the checkpoint skips {skip} rows but this worker's shard has only "
+                f"{len(self.epoch_ids)}"
+            )
         self.epoch += 1
 
     def seen_digest(self) -> str:
@@ -70,3 +105,23 @@ class RayShardDataLoaderMixin:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         collator = self._get_collator_with_removed_columns(self.data_collator, description="evaluation")
         return DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=collator, num_workers=0)
+
+
+class DeterministicSplitDataConfig(DataConfig):
+    """Gives every worker the same rows in the same order on every run and restart: ``Dataset.split(equal=True)``
+    with order preserved, instead of Ray's default dynamic ``streaming_split``. Exact resume
+    (``finemed_ray.train.resume``) relies on it. The split materialises the prepared (tokenised) rows in the
+    object store, not in the workers."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            options = self._resolve_execution_options(name)
+            options.preserve_order = True  # read order = file order, so the splits are reproducible
+            ds.context.execution_options = options
+            for i, split in enumerate(ds.split(world_size, equal=True)):
+                output[i][name] = split.iterator()
+        return output

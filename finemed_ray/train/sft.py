@@ -46,6 +46,7 @@ class StepPlan:
     rows_valid: int
     rows_per_worker: int
     rows_unused: int  # Ray's equal split gives every worker the same count; the remainder (< workers) is unused
+    micro_rows: int  # rows per worker per optimizer step (batch x gradient accumulation)
     steps_per_epoch: int
     max_steps: int
 
@@ -64,7 +65,7 @@ def plan_steps(rows_valid: int, cfg: SFTJobConfig) -> StepPlan:
     micro = cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps
     steps_per_epoch = math.ceil(per_worker / micro)
     max_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    return StepPlan(rows_valid, per_worker, rows_valid - per_worker * workers, steps_per_epoch, max_steps)
+    return StepPlan(rows_valid, per_worker, rows_valid - per_worker * workers, micro, steps_per_epoch, max_steps)
 
 
 def ensure_ray(cfg: SFTJobConfig) -> None:
@@ -80,6 +81,25 @@ def ensure_ray(cfg: SFTJobConfig) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     # address="local": always a fresh cluster, never a stray `ray start` cluster found on this machine.
     ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+
+
+# Ray Train (v2) keeps its checkpoint bookkeeping here; re-running a run name with it present resumes.
+RAY_CHECKPOINT_STATE_FILE = "checkpoint_manager_snapshot.json"
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error of a Ray Train failure chain, as 'Type: message'."""
+    failures = getattr(e, "worker_failures", None)  # WorkerGroupError: rank -> exception
+    if failures:
+        rank, e = sorted(failures.items())[0]
+    seen = set()
+    while True:
+        nxt = e.__cause__ or getattr(e, "cause", None) or e.__context__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(e))
+        e = nxt
+    return f"{type(e).__name__}: {e}"
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -100,6 +120,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     from finemed_ray.models.loading import load_tokenizer, resolve_model_path
     from finemed_ray.train.export import finalize_export, loss_history
     from finemed_ray.train.ray_shard import RayShardDataLoaderMixin, ShardSource, shard_to_iterable_dataset
+    from finemed_ray.train.resume import DataPosition, DataPositionCallback
 
     class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
         pass
@@ -144,7 +165,8 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         max_length=cfg.data.max_length,
         dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenised, labelled and truncated
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0,  # no read-ahead: rows handed out = rows trained (the data position relies on it)
+        ignore_data_skip=True,  # on resume the shard skips trained rows itself (exactly, see train/resume.py)
         disable_tqdm=rank != 0,
         eval_strategy="steps" if loop_cfg["has_eval"] and t.eval_steps else "no",
         eval_steps=t.eval_steps,
@@ -166,19 +188,49 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     eval_source = None
     if loop_cfg["has_eval"]:
         eval_source = ShardSource(ray.train.get_dataset_shard("eval"), source.probe_example, source.columns)
+    def gather(obj: Any) -> list[Any]:
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    # A restarted worker (FailureConfig) or a re-run with the same run name gets the last reported checkpoint.
+    resume_dir, resumed_from = None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        local = work / "resume"
+        checkpoint.to_directory(str(local))
+        resume_dir = local / RayTrainReportCallback.CHECKPOINT_NAME
+        position = DataPosition.load(resume_dir)
+        position.check_compatible(world, loop_cfg["plan"])
+        source.resume(position.epoch, position.rows_in_epoch[rank], position.epoch_digest[rank],
+                      position.seen_ids[rank])
+        resumed_from = position.global_step
+        log.warning("rank %d: resuming from step %d (epoch %d, %d rows of it trained)", rank,
+                    position.global_step, position.epoch, position.rows_in_epoch[rank])
     trainer = RaySFTTrainer(
         model=model,
         args=args,
         train_dataset=shard_to_iterable_dataset(source, features),
         eval_dataset=shard_to_iterable_dataset(eval_source, features) if eval_source else None,
         processing_class=tokenizer,
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[
+            DataPositionCallback(source, loop_cfg["plan"], rank, world, gather),  # before the upload below
+            RayTrainReportCallback(),
+        ],
     )
     source.arm()
     if eval_source:
         eval_source.arm()
     t0 = time.time()
-    train_output = trainer.train()
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    except FinemedError:
+        raise
+    except Exception as e:
+        if resume_dir is None:
+            raise
+        raise FinemedError(f"resuming from the checkpoint at step {resumed_from} failed (corrupted?): "
+                           f"{type(e).__name__}: {e}") from e
     train_seconds = time.time() - t0
     # Final eval loss on the held-out split (paper: 10%), on every rank: ZeRO-3 forward passes are collective.
     eval_metrics = trainer.evaluate() if eval_source else {}
@@ -196,8 +248,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
 
     export_local = work / "export"
     trainer.save_model(str(export_local))  # every rank: ZeRO-3 gathers the full weights onto rank 0
-    seen = [None] * world
-    dist.all_gather_object(seen, {"count": len(source.seen_ids), "ids": source.seen_ids, "sharding": sharding})
+    seen = gather({"count": len(source.seen_ids), "ids": source.seen_ids, "sharding": sharding})
     if rank == 0:
         tokenizer.save_pretrained(str(export_local))
         all_ids = [i for s in seen for i in s["ids"]]
@@ -215,6 +266,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
                 "config": loop_cfg["job"],
                 "world_size": world,
                 "global_step": trainer.state.global_step,
+                "resumed_from_step": resumed_from,
                 "train_seconds": round(train_seconds, 3),
                 "train_loss": train_output.training_loss,
                 "samples_seen": len(all_ids),
@@ -279,15 +331,22 @@ class SFTJob:
 
     def run(self) -> "SFTJob":
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import TrainingFailedError
         from ray.train.torch import TorchConfig, TorchTrainer
+
+        from finemed_ray.train.ray_shard import DeterministicSplitDataConfig
 
         from finemed_ray.data.sft_prepare import RowSelection, prepare_sft, read_prepared
 
         cfg = self.cfg
         selection = RowSelection(cfg.data.department, cfg.data.subdepartment, cfg.data.eval_fraction)
-        summary = prepare_sft(
-            cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt, selection
-        )
+        summary = self._reusable_prepared_data()
+        if summary is None:
+            summary = prepare_sft(
+                cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt, selection
+            )
+            storage.write_json(self._prepare_record_uri(), {"fingerprint": self._data_fingerprint(),
+                                                            "summary": summary.to_dict()})
         self.prepare_summary = summary.to_dict()
         log.info("prepared data: %s", json.dumps(self.prepare_summary))
         self.plan = plan_steps(summary.rows_train, cfg)
@@ -322,13 +381,43 @@ class SFTJob:
                 storage_path=storage_path,
                 storage_filesystem=fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
-                failure_config=FailureConfig(max_failures=0),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             ),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
             datasets=datasets,
+            dataset_config=DeterministicSplitDataConfig(),  # same rows per rank on restart: exact resume
         )
-        self.result = trainer.fit()
+        try:
+            self.result = trainer.fit()
+        except TrainingFailedError as e:
+            raise FinemedError(f"run {cfg.run.name} failed after run.max_failures={cfg.run.max_failures} "
+                               f"restarts: {_root_cause(e)}") from e
         return self
+
+    # Resume support: a run that already has checkpoints must train on exactly the rows it was prepared with.
+    def _prepare_record_uri(self) -> str:
+        return storage.join(self.run_uri, "prepare.json")
+
+    def _data_fingerprint(self) -> dict[str, Any]:
+        return {"data": self.cfg.data.model_dump(mode="json"), "model": self.cfg.model.path}
+
+    def _reusable_prepared_data(self):
+        from finemed_ray.data.sft_prepare import PrepareSummary
+
+        if not storage.exists(storage.join(self.run_uri, RAY_CHECKPOINT_STATE_FILE)):
+            return None  # a fresh run: (re)prepare
+        if not storage.exists(self._prepare_record_uri()):
+            raise FinemedError(f"{self.run_uri} has checkpoints but no {self._prepare_record_uri()}; "
+                               "it cannot be resumed exactly: use a new run.name")
+        record = storage.read_json(self._prepare_record_uri())
+        if record["fingerprint"] != self._data_fingerprint():
+            raise FinemedError(
+                f"run {self.cfg.run.name} has checkpoints from different data settings "
+                f"({record['fingerprint']} vs {self._data_fingerprint()}); resuming would not be exact: use a new "
+                "run.name (or the original settings)"
+            )
+        log.warning("run %s has checkpoints: resuming with its prepared data", self.cfg.run.name)
+        return PrepareSummary(**record["summary"])
 
     def save(self) -> dict[str, Any]:
         from finemed_ray.train.export import METADATA_FILE

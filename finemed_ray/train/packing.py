@@ -1,0 +1,170 @@
+"""Padding-free sequence packing for SFT: a batch of N tokenised rows becomes one row of their concatenation.
+
+The collator is TRL's own ``DataCollatorForLanguageModeling(padding_free=True)`` (TRL 1.16), which keeps the
+``labels`` it is given (our assistant-only masks) and only sets -100 on the first token of each sequence, so no
+sequence is trained to predict the next one's first token. It returns ``input_ids``/``labels``/``position_ids`` of
+shape ``[1, T]`` (positions restart at 0 at every boundary) plus ``cu_seq_lens_*``/``max_length_*``/``seq_idx`` for
+the varlen flash kernels. We subclass it only to reject malformed rows (TRL silently trains on every token of a
+row without labels) and to put ``use_cache=False`` in the batch (see below).
+
+Why sequences do not attend to each other (transformers 5): with no ``attention_mask`` and no cache,
+``masking_utils.create_causal_mask`` finds the packed sequences from the position ids
+(``find_packed_sequence_indices``) and ANDs a same-sequence mask into the causal mask, for every implementation in
+its mask registry (eager, sdpa, flex_attention; flash_attention_2/3/4 use the ``cu_seq_lens`` varlen path). Two
+things silently break that isolation, and both are guarded here or tested in ``tests/test_packing.py``:
+
+* a cache: the model's default ``use_cache=True`` makes ``LlamaModel`` create a ``DynamicCache``, and packed
+  detection is skipped when there is one. TRL's ``compute_loss`` forces ``use_cache=False``; the batch carries it
+  too, so ``model(**batch)`` elsewhere (eval loops, benchmarks) is safe as well.
+* an attention implementation outside the mask registry (a custom kernel): the mask is skipped altogether.
+  :func:`check_packing_attention` refuses those.
+
+Cost: eager and sdpa materialise a ``[T, T]`` mask and compute every block of it, so attention work grows with the
+square of the *packed* length; the saving is in the linear layers (no pad tokens). Only flash/flex skip the
+cross-sequence blocks. For our short rows (tens to hundreds of tokens) attention is a small part of the step.
+
+Use it from worker code (this module imports TRL):
+
+    trainer = RaySFTTrainer(..., args=SFTConfig(..., **packing_sft_config_kwargs()),
+                            data_collator=packing_collator(tokenizer))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from finemed_ray.data.tokenize import IGNORE_INDEX
+from finemed_ray.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackingCollator(DataCollatorForLanguageModeling):
+    """TRL's padding-free collator, with row checks and ``use_cache=False`` in every batch.
+
+    Rows: ``{"input_ids": [...], "labels": [...]}`` of equal, non-zero length; labels unshifted (the model shifts),
+    each -100 or equal to the input id at the same position. Other keys are ignored."""
+
+    padding_free: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.padding_free:
+            raise ConfigError("PackingCollator: padding_free must be True (use TRL's collator for padded batches)")
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        check_rows(examples)
+        batch = super().torch_call(examples)
+        # Without this a plain model(**batch) builds a KV cache, and transformers then ignores the packed position
+        # ids: sequences would silently attend to each other (TRL's compute_loss sets it too).
+        batch["use_cache"] = False
+        return batch
+
+
+def check_rows(examples: Sequence[Mapping[str, Any]]) -> None:
+    """Raise :class:`DataError` naming the first row that cannot be packed as is."""
+    if not examples:
+        raise DataError("packing collator got an empty batch")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Mapping) or "input_ids" not in ex:
+            raise DataError(f"batch row {i}: expected a dict with 'input_ids' and 'labels', got {type(ex).__name__}")
+        if ex.get("labels") is None:
+            # TRL would fall back to labels = input_ids: training on system/user tokens, not assistant-only.
+            raise DataError(f"batch row {i}: no 'labels' (assistant-only labels from finemed_ray.data.tokenize)")
+        ids = torch.as_tensor(ex["input_ids"])
+        labels = torch.as_tensor(ex["labels"])
+        if ids.ndim != 1 or labels.ndim != 1 or ids.numel() == 0:
+            raise DataError(f"batch row {i}: 'input_ids' and 'labels' must be non-empty flat lists of token ids")
+        if ids.shape != labels.shape:
+            raise DataError(f"batch row {i}: {ids.numel()} input_ids but {labels.numel()} labels")
+        if not ((labels == IGNORE_INDEX) | (labels == ids)).all():
+            raise DataError(
+                f"batch row {i}: labels must be {IGNORE_INDEX} or equal to input_ids at the same position "
+                "(unshifted: the model shifts them); these look shifted or come from another row"
+            )
+
+
+def packing_collator(tokenizer_or_pad_id: Any, pad_to_multiple_of: int | None = None) -> PackingCollator:
+    """The padding-free collator for our pre-tokenised SFT rows.
+
+    ``tokenizer_or_pad_id``: a tokenizer with a pad token, or the pad id itself. The pad id is only used when
+    ``pad_to_multiple_of`` pads the packed row at its end (for shape-stable compilers); otherwise there is no pad."""
+    pad_id = tokenizer_or_pad_id if isinstance(tokenizer_or_pad_id, int) else getattr(
+        tokenizer_or_pad_id, "pad_token_id", None
+    )
+    if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ConfigError(f"packing_collator: need a tokenizer with a pad token or a pad id >= 0, got {pad_id!r}")
+    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ConfigError(f"packing_collator: pad_to_multiple_of={pad_to_multiple_of!r}: must be None or >= 1")
+    return PackingCollator(pad_token_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def packing_sft_config_kwargs(trl_builds_collator: bool = False) -> dict[str, Any]:
+    """SFTConfig kwargs for packing, for one of two mutually exclusive routes.
+
+    Default (we pass ``data_collator=packing_collator(tok)``): TRL's own switches must stay off, because
+    ``SFTTrainer`` raises ``ValueError`` for a custom collator when ``padding_free=True`` (or ``packing=True``
+    with strategy bfd/bfd_split, which turns padding-free on). Rows stay truncated by our prepare step.
+
+    ``trl_builds_collator=True`` (no ``data_collator``): ``padding_free=True`` makes TRL build the same collator
+    without our row checks; it needs ``max_length=None`` because TRL refuses padding-free without packing while
+    ``max_length`` is set (it would not be enforced; our rows are truncated upstream). Not ``packing=True``: with
+    ``skip_prepare_dataset`` no dataset-level packing happens, so the flag would only mislead."""
+    if trl_builds_collator:
+        return {"padding_free": True, "packing": False, "max_length": None}
+    return {"padding_free": False, "packing": False}
+
+
+def check_packing_attention(model_or_config: Any) -> str:
+    """Return the model's attention implementation, or raise :class:`ConfigError` if packing would leak.
+
+    transformers only builds the packed (block-diagonal) mask for implementations in its mask registry; for any
+    other it passes no mask at all, and packed sequences would attend to each other."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    config = getattr(model_or_config, "config", model_or_config)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in set(ALL_MASK_ATTENTION_FUNCTIONS):
+        raise ConfigError(
+            f"attention implementation {impl!r} has no transformers mask function, so packed sequences would attend "
+            f"to each other; use one of {sorted(ALL_MASK_ATTENTION_FUNCTIONS)} or turn packing off"
+        )
+    if impl == "eager":
+        log.info("packing with eager attention: correct, but it materialises [T, T] scores for the whole pack")
+    return impl
+
+
+def padding_stats(batch: Mapping[str, Any], pad_token_id: int | None = None) -> dict[str, float]:
+    """Token accounting of one collated batch, padded (has ``attention_mask``) or packed (has ``position_ids``).
+
+    ``slots``: tokens the model computes on; ``real_tokens``: of those, not padding; ``label_tokens``: tokens the
+    loss averages over (labels after the model's shift). For a packed batch, pass ``pad_token_id`` if it was
+    padded to a multiple (trailing pads are recognised as pad id at position 0)."""
+    ids = torch.as_tensor(batch["input_ids"])
+    labels = torch.as_tensor(batch["labels"])
+    if batch.get("attention_mask") is not None:
+        real = torch.as_tensor(batch["attention_mask"]).bool()
+        sequences = int(ids.shape[0])
+    elif batch.get("position_ids") is not None:
+        pos = torch.as_tensor(batch["position_ids"])
+        real = torch.ones_like(ids, dtype=torch.bool)
+        if pad_token_id is not None:
+            real = ~((ids == pad_token_id) & (pos == 0))
+        sequences = int(((pos == 0) & real).sum())
+    else:
+        raise DataError("padding_stats: batch has neither 'attention_mask' (padded) nor 'position_ids' (packed)")
+    slots, n_real = ids.numel(), int(real.sum())
+    return {
+        "sequences": sequences,
+        "slots": slots,
+        "real_tokens": n_real,
+        "pad_tokens": slots - n_real,
+        "pad_fraction": (slots - n_real) / slots if slots else 0.0,
+        "label_tokens": int((labels[..., 1:] != IGNORE_INDEX).sum()),
+    }
