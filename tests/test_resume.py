@@ -90,7 +90,7 @@ def test_reference_run_sees_every_row_once_per_epoch(reference, setup):
 
 
 def test_killed_worker_restarts_from_checkpoint_with_the_same_samples(reference, setup):
-    cfg = config(setup, "killed", "run.max_failures=2")
+    cfg = config(setup, "killed", "run.max_failures=2", "train.packing=true")  # packed, same samples
     outcome: dict = {}
 
     def target():

@@ -256,6 +256,274 @@ def bad_sft_rows() -> list[dict[str, Any] | str]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------- o1-style reasoning
+# FineMedLM-o1 trains on long answers in two parts: a "## Thought" section that reasons step by step and a
+# "## Summarization" section with the final answer. Ours are templated from the fact tables: restate the question,
+# recall what the drug / disease is, recall the fact, rule out one or two other facts of the same table by name,
+# conclude. The summarization is exactly the plain SFT answer (:func:`_answer`), so the fact is in it verbatim.
+
+THOUGHT_HEADER = "## Thought"
+SUMMARY_HEADER = "## Summarization"
+
+# Drug class per drug of DRUG_INDICATIONS (teaching-level labels, used only in the reasoning text).
+DRUG_CLASSES: dict[str, str] = {
+    "metformin": "a biguanide",
+    "levothyroxine": "a synthetic thyroid hormone",
+    "amlodipine": "a calcium channel blocker",
+    "atorvastatin": "a statin (an HMG-CoA reductase inhibitor)",
+    "furosemide": "a loop diuretic",
+    "warfarin": "a vitamin K antagonist anticoagulant",
+    "omeprazole": "a proton pump inhibitor",
+    "albuterol": "a short-acting beta-2 agonist bronchodilator",
+    "allopurinol": "a xanthine oxidase inhibitor",
+    "levetiracetam": "an antiseizure medicine",
+    "sumatriptan": "a triptan (a serotonin 5-HT1B/1D agonist)",
+    "oseltamivir": "a neuraminidase inhibitor antiviral",
+    "nitrofurantoin": "a urinary antibacterial",
+    "tamsulosin": "an alpha-1 blocker",
+    "cefazolin": "a first-generation cephalosporin",
+    "alendronate": "a bisphosphonate",
+    "heparin": "an injectable anticoagulant",
+    "oxytocin": "a uterotonic hormone",
+    "magnesium sulfate": "a magnesium salt used as an anticonvulsant",
+    "clomiphene": "a selective estrogen receptor modulator",
+    "metronidazole": "a nitroimidazole antimicrobial",
+    "palivizumab": "a monoclonal antibody against RSV",
+    "caffeine citrate": "a methylxanthine respiratory stimulant",
+    "methylphenidate": "a central nervous system stimulant",
+    "amoxicillin": "an aminopenicillin antibiotic",
+    "betahistine": "a histamine analogue",
+    "fluticasone nasal spray": "an intranasal corticosteroid",
+    "penicillin V": "an oral penicillin antibiotic",
+    "sertraline": "a selective serotonin reuptake inhibitor",
+    "isotretinoin": "an oral retinoid",
+    "latanoprost": "a prostaglandin analogue eye drop",
+    "ondansetron": "a 5-HT3 receptor antagonist antiemetic",
+}
+
+_RESTATE = {
+    "drug": (
+        "The question asks which condition {drug} is used to treat.",
+        "I need to name the condition that {drug} is prescribed for.",
+    ),
+    "test": (
+        "The question asks which test comes first when {disease} is suspected.",
+        "I need to name the first-line diagnostic test for {disease}.",
+    ),
+}
+_RECALL = {
+    "drug": (
+        "{Drug} is {drug_class}. It is mostly prescribed in {dept}, in particular in {subdept}.",
+        "Recall the drug: {drug} is {drug_class}, a medicine used mainly in {subdept} ({dept}).",
+    ),
+    "test": (
+        "{Disease_cap} is a condition seen in {dept}, in particular in {subdept}. The first test should be quick, "
+        "widely available and answer the clinical question directly.",
+        "Recall the disease: {disease} belongs to {subdept} ({dept}). The workup starts with the simplest test that "
+        "confirms or excludes it.",
+    ),
+}
+_FACT = {
+    "drug": (
+        "The main indication of {drug} is {indication}.",
+        "{Drug} is the standard treatment for {indication}.",
+    ),
+    "test": (
+        "For {disease}, the test ordered first is {test}.",
+        "The usual first test in the workup of {disease} is {test}.",
+    ),
+}
+_RULE_OUT = {
+    "drug": "Could the answer be {other_indication}? No: {other_indication} is treated with {other_drug}, not {drug}.",
+    "test": "Could the answer be {other_test}? No: the first-line test for {other_disease} is {other_test}, "
+            "and it is not the one for {disease}.",
+}
+_CONCLUDE = {
+    "drug": "So the condition {drug} treats is {indication}.",
+    "test": "So the first-line test for {disease} is {test}.",
+}
+
+
+def _distractors(kind: str, i: int, rng: random.Random, k: int) -> list[int]:
+    """``k`` other facts of the same table, preferring ones from the same primary department (plausible
+    alternatives), in a random order."""
+    table = _FACT_TYPES[kind][0]
+    same = [j for j, f in enumerate(table) if j != i and f[2] == table[i][2]]
+    other = [j for j, f in enumerate(table) if j != i and f[2] != table[i][2]]
+    rng.shuffle(same)
+    rng.shuffle(other)
+    return (same + other)[:k]
+
+
+def _item_rng(seed: int, kind: str, i: int, p: int, what: str) -> random.Random:
+    # A string seed is hashed deterministically (not with PYTHONHASHSEED); one stream per item and purpose, so an
+    # item's text does not depend on which other items are generated.
+    return random.Random(f"{what}:{seed}:{kind}:{i}:{p}")
+
+
+def _reasoning_answer(kind: str, i: int, p: int, seed: int) -> tuple[str, list[int]]:
+    """The o1-style answer for fact ``i`` asked with paraphrase ``p``, and the fact indices it rules out."""
+    rng = _item_rng(seed, kind, i, p, "reasoning")
+    table = _FACT_TYPES[kind][0]
+    fact = table[i]
+    ruled_out = _distractors(kind, i, rng, rng.choice((1, 2)))
+    if kind == "drug":
+        fields = {"drug": fact[0], "Drug": _cap(fact[0]), "indication": fact[1],
+                  "drug_class": DRUG_CLASSES[fact[0]]}
+    else:
+        fields = {"disease": fact[0], "Disease_cap": _cap(fact[0]), "test": fact[1]}
+    fields.update(dept=fact[2], subdept=fact[3])
+    steps = [
+        rng.choice(_RESTATE[kind]).format(**fields),
+        rng.choice(_RECALL[kind]).format(**fields),
+        rng.choice(_FACT[kind]).format(**fields),
+    ]
+    for j in ruled_out:
+        other = table[j]
+        if kind == "drug":
+            steps.append(_RULE_OUT[kind].format(other_drug=other[0], other_indication=other[1], **fields))
+        else:
+            steps.append(_RULE_OUT[kind].format(other_disease=other[0], other_test=other[1], **fields))
+    steps.append(_CONCLUDE[kind].format(**fields))
+    thought = "\n".join(f"Step {n}: {s}" for n, s in enumerate(steps, 1))
+    text = f"{THOUGHT_HEADER}\n\n{thought}\n\n{SUMMARY_HEADER}\n\n{_answer(kind, fact)}"
+    return text, ruled_out
+
+
+def reasoning_answer(kind: str, i: int, p: int, seed: int = 0) -> str:
+    """The o1-style answer (``## Thought`` steps, then ``## Summarization`` with the plain answer sentence) for
+    fact ``i`` of fact type ``kind`` ("drug" | "test") asked with question paraphrase ``p``."""
+    return _reasoning_answer(kind, i, p, seed)[0]
+
+
+def sample_reasoning_rows(
+    n: int | None = None,
+    seed: int = 0,
+    paraphrases: Paraphrases = "train",
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+) -> list[dict[str, Any]]:
+    """Like :func:`sample_sft_rows` (same questions, order, ``n`` and repeat rules, same schema) but the assistant
+    answers in FineMedLM-o1's long form: a ``## Thought`` section of numbered steps (restate the question,
+    recall the drug class / the disease, recall the fact, rule out one or two other facts of the table by name,
+    conclude), then ``## Summarization`` holding exactly the plain SFT answer sentence.
+
+    Ids are the SFT ids with a ``cot-`` prefix, so both kinds of rows can share one dataset. Deterministic given
+    ``seed``; an item's reasoning text depends only on (seed, fact, paraphrase), not on ``n``.
+    """
+    items = _all_items(paraphrases)
+    if n is not None and n < 0:
+        raise ValueError(f"n={n}: must be >= 0")
+    rng = random.Random(seed)
+    target = len(items) if n is None else n
+    rows: list[dict[str, Any]] = []
+    rep = 0
+    while len(rows) < target:
+        order = list(items)
+        rng.shuffle(order)
+        for kind, i, p in order[: target - len(rows)]:
+            fact = _FACT_TYPES[kind][0][i]
+            messages = [] if not system_prompt else [{"role": "system", "content": system_prompt}]
+            messages += [
+                {"role": "user", "content": _question(kind, fact, p)},
+                {"role": "assistant", "content": reasoning_answer(kind, i, p, seed)},
+            ]
+            rows.append(
+                {
+                    "id": f"cot-{kind}-{i:02d}-p{p}" + (f"-r{rep}" if rep else ""),
+                    "messages": messages,
+                    "department": fact[2],
+                    "subdepartment": fact[3],
+                    "source": SOURCE,
+                }
+            )
+        rep += 1
+    return rows
+
+
+def _wrong_answer(kind: str, fact: tuple[str, str, str, str], other: tuple[str, str, str, str]) -> str:
+    """The plain answer template for ``fact`` with ``other``'s indication / test in place of the true one."""
+    return _answer(kind, (fact[0], other[1], fact[2], fact[3]))
+
+
+def sample_dpo_rows(
+    seed: int = 0,
+    paraphrases: Paraphrases = "train",
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    wrong_fraction: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Preference pairs in TRL's conversational format, one per (fact, paraphrase) of the split, shuffled by ``seed``.
+
+    - ``prompt``: ``[system?, user question]``;
+    - ``chosen``: ``[assistant reasoning answer]`` -- the same text :func:`sample_reasoning_rows` gives the item;
+    - ``rejected``: ``[assistant direct answer]``, no reasoning. As in FineMedLM-o1 the preference is reasoning
+      over a direct answer, but here about ``wrong_fraction`` of the direct answers (a fixed, seeded choice) are
+      also *wrong*: the answer template with another fact's indication / test, namely the first alternative the
+      chosen answer's Thought rules out. The rest are the correct plain answer. The wrong ones are exactly
+      ``round(wrong_fraction * len(pairs))`` pairs, picked by ``seed``.
+
+    Why some wrong: with only correct direct answers the pair differs in format alone, and a preference learned on it
+    says nothing about the facts. With wrong ones the rejected text names a distractor, so after DPO the reward
+    margin and preference accuracy on held-out pairs (``paraphrases="heldout"``: the same facts asked in unseen
+    words) reflect the content as well as the format. ``rejected_kind`` ("direct-correct" | "direct-wrong") lets
+    an evaluation report the two groups apart. Extra keys are ignored by the DPO schema.
+
+    Ids: ``dpo-<kind>-<fact>-p<paraphrase>``, stable across seeds (the seed changes order and texts, not ids).
+    """
+    if not 0.0 <= wrong_fraction <= 1.0:
+        raise ValueError(f"wrong_fraction={wrong_fraction}: must be within [0, 1]")
+    items = _all_items(paraphrases)
+    # Exactly round(wrong_fraction * len(items)) wrong rejected answers, picked by seed.
+    wrong_items = set(random.Random(f"rejected:{seed}").sample(items, round(wrong_fraction * len(items))))
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    rows: list[dict[str, Any]] = []
+    for kind, i, p in order:
+        table = _FACT_TYPES[kind][0]
+        fact = table[i]
+        chosen, ruled_out = _reasoning_answer(kind, i, p, seed)
+        wrong = (kind, i, p) in wrong_items
+        rejected = _wrong_answer(kind, fact, table[ruled_out[0]]) if wrong else _answer(kind, fact)
+        prompt = [] if not system_prompt else [{"role": "system", "content": system_prompt}]
+        prompt.append({"role": "user", "content": _question(kind, fact, p)})
+        rows.append(
+            {
+                "id": f"dpo-{kind}-{i:02d}-p{p}",
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "department": fact[2],
+                "subdepartment": fact[3],
+                "source": SOURCE,
+                "rejected_kind": "direct-wrong" if wrong else "direct-correct",
+            }
+        )
+    return rows
+
+
+def bad_dpo_rows() -> list[dict[str, Any] | str]:
+    """Deliberately broken preference rows for quarantine tests; the last one is a raw line of invalid JSON.
+
+    Each row's id names its defect. ``bad-empty-chosen`` and ``bad-empty-user`` pass the schema's
+    ``validate_dpo_row`` (it checks shapes, not emptiness); the DPO prepare step rejects them too."""
+    q = [{"role": "user", "content": "What is metformin used to treat?"}]
+    good = [{"role": "assistant", "content": "Metformin is used to treat type 2 diabetes."}]
+    bad = [{"role": "assistant", "content": "Metformin is used to treat hypothyroidism."}]
+    return [
+        {"id": "bad-chosen-equals-rejected", "prompt": q, "chosen": good, "rejected": list(good)},
+        {"id": "bad-empty-prompt", "prompt": [], "chosen": good, "rejected": bad},
+        {"id": "bad-empty-chosen", "prompt": q, "chosen": [{"role": "assistant", "content": "  "}], "rejected": bad},
+        {"id": "bad-empty-user", "prompt": [{"role": "user", "content": ""}], "chosen": good, "rejected": bad},
+        {"id": "bad-missing-rejected", "prompt": q, "chosen": good},
+        {"id": "bad-chosen-user-role", "prompt": q, "chosen": [{"role": "user", "content": "Type 2 diabetes."}],
+         "rejected": bad},
+        {"id": "bad-unknown-role", "prompt": [{"role": "wizard", "content": "Cast a healing spell."}],
+         "chosen": good, "rejected": bad},
+        {"id": "bad-prompt-ends-with-assistant", "prompt": q + good, "chosen": good, "rejected": bad},
+        {"id": "bad-prompt-string", "prompt": "What is metformin used to treat?", "chosen": good, "rejected": bad},
+        '{"id": "bad-json", "prompt": [{"role": "user", "content": "unterminated',
+    ]
+
+
 def write_jsonl(rows: Iterable[dict[str, Any] | str], uri: str) -> str:
     """Write rows as JSONL (dicts via ``json.dumps``, strings verbatim) to a local path or ``s3://`` URI."""
     lines = [row if isinstance(row, str) else json.dumps(row, ensure_ascii=False) for row in rows]

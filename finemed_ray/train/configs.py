@@ -76,8 +76,23 @@ class TrainSection(StrictModel):
     save_steps: int = Field(50, ge=1, description="Checkpoint to <storage_path>/<name> every N steps and at the end.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept in storage; null keeps all.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    packing: bool = Field(
+        False,
+        description="Padding-free packing: each micro-batch is one row of concatenated conversations, position "
+        "ids restarting per conversation so they cannot attend to each other (no pad tokens).",
+    )
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Trackers for loss/lr (tensorboard, wandb, mlflow...)."
+    )
+
+
+class LoraSection(StrictModel):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: a list of names (q_proj, v_proj...) or all-linear."
     )
 
 
@@ -115,6 +130,10 @@ class SFTJobConfig(StrictModel):
     model: ModelSection = Field(description="The model being fine-tuned.")
     data: DataSection = Field(description="The SFT conversations.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation hyper-parameters.")
+    lora: LoraSection = Field(
+        default_factory=LoraSection,
+        description="LoRA instead of full fine-tuning; the export is then the merged model plus <export>/adapter.",
+    )
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed (ZeRO-3) settings.")
     scaling: ScalingSection = Field(default_factory=ScalingSection, description="Ray Train workers.")
     ray: RaySection = Field(default_factory=RaySection, description="Which Ray cluster runs the job.")

@@ -120,6 +120,8 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     from finemed_ray.models.loading import load_tokenizer, resolve_model_path
     from finemed_ray.train.export import finalize_export, loss_history
     from finemed_ray.train.ray_shard import RayShardDataLoaderMixin, ShardSource, shard_to_iterable_dataset
+    from finemed_ray.train.lora import lora_config
+    from finemed_ray.train.packing import check_packing_attention, packing_collator, packing_sft_config_kwargs
     from finemed_ray.train.resume import DataPosition, DataPositionCallback
 
     class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
@@ -171,10 +173,13 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         eval_strategy="steps" if loop_cfg["has_eval"] and t.eval_steps else "no",
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=t.per_device_batch_size,
+        **(packing_sft_config_kwargs() if t.packing else {}),
     )
     # Built after the arguments: with ZeRO-3 they register the DeepSpeed config, so from_pretrained
     # partitions the weights across ranks while loading instead of materialising a full copy per rank.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.model.dtype))
+    if t.packing:
+        check_packing_attention(model)  # an attention kernel without a mask function would let rows leak
 
     eos = tokenizer.eos_token_id
     source = ShardSource(
@@ -213,6 +218,8 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         train_dataset=shard_to_iterable_dataset(source, features),
         eval_dataset=shard_to_iterable_dataset(eval_source, features) if eval_source else None,
         processing_class=tokenizer,
+        data_collator=packing_collator(tokenizer) if t.packing else None,
+        peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
         callbacks=[
             DataPositionCallback(source, loop_cfg["plan"], rank, world, gather),  # before the upload below
             RayTrainReportCallback(),
@@ -247,9 +254,19 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     }
 
     export_local = work / "export"
-    trainer.save_model(str(export_local))  # every rank: ZeRO-3 gathers the full weights onto rank 0
+    lora_info = None
+    if cfg.lora.enabled:
+        adapter_local = work / "adapter"
+        trainer.save_model(str(adapter_local))  # every rank: ZeRO-3 gathers the (small) adapter onto rank 0
+    else:
+        trainer.save_model(str(export_local))  # every rank: ZeRO-3 gathers the full weights onto rank 0
     seen = gather({"count": len(source.seen_ids), "ids": source.seen_ids, "sharding": sharding})
     if rank == 0:
+        if cfg.lora.enabled:
+            from finemed_ray.train.lora import check_adapter, merge_adapter
+
+            lora_info = check_adapter(adapter_local)  # refuses an empty adapter (TRL#4416)
+            merge_adapter(model_dir, adapter_local, export_local, cfg.model.dtype)
         tokenizer.save_pretrained(str(export_local))
         all_ids = [i for s in seen for i in s["ids"]]
         history = loss_history(trainer.state.log_history)
@@ -267,6 +284,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
                 "world_size": world,
                 "global_step": trainer.state.global_step,
                 "resumed_from_step": resumed_from,
+                "lora": lora_info,
                 "train_seconds": round(train_seconds, 3),
                 "train_loss": train_output.training_loss,
                 "samples_seen": len(all_ids),
