@@ -9,10 +9,10 @@ from finemed_ray.errors import ConfigError
 
 
 def config_classes() -> dict[str, type]:
-    from finemed_ray.train.configs import SFTJobConfig
+    from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
     from finemed_ray.train.recipe import RecipeConfig
 
-    return {"sft": SFTJobConfig, "recipe": RecipeConfig}
+    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "recipe": RecipeConfig}
 
 
 def config_class_for(path: str | Path) -> type:

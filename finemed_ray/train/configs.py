@@ -144,3 +144,23 @@ class SFTJobConfig(StrictModel):
         if not self.scaling.use_gpu and self.model.dtype == "float16":
             raise ValueError("model.dtype: float16 training needs a GPU (scaling.use_gpu=true)")
         return self
+
+
+class DPOSection(StrictModel):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference (paper 0.1).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="DPO loss variant (TRL loss_type); sigmoid is the original DPO loss."
+    )
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Prompt tokens kept (cut from the left); null = only data.max_length applies."
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Pairs over the limits: cut the completions (counted) or quarantine the row."
+    )
+
+
+class DPOJobConfig(SFTJobConfig):
+    """A DPO stage: the SFT sections (data.path points at preference pairs) plus ``dpo``. The frozen reference
+    is the starting model itself; under ZeRO-3 it is sharded like the policy (with LoRA: the adapter disabled)."""
+
+    dpo: DPOSection = Field(default_factory=DPOSection, description="Preference-optimisation settings.")

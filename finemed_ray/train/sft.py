@@ -21,7 +21,7 @@ from typing import Any
 
 from finemed_ray import storage
 from finemed_ray.errors import ConfigError, FinemedError
-from finemed_ray.train.configs import SFTJobConfig
+from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,9 @@ def _root_cause(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------------------------- worker side
 def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    cfg = SFTJobConfig.model_validate(loop_cfg["job"])
+    """Runs on every Ray Train worker. ``loop_cfg["kind"]``: "sft" (TRL SFTTrainer) or "dpo" (TRL DPOTrainer)."""
+    kind = loop_cfg.get("kind", "sft")
+    cfg = (DPOJobConfig if kind == "dpo" else SFTJobConfig).model_validate(loop_cfg["job"])
     use_gpu = cfg.scaling.use_gpu
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
@@ -115,7 +116,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from finemed_ray.models.loading import load_tokenizer, resolve_model_path
     from finemed_ray.train.export import finalize_export, loss_history
@@ -126,6 +127,10 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
 
     class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
         pass
+
+    class RayDPOTrainer(RayShardDataLoaderMixin, DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # rows arrive tokenised by finemed_ray.data.dpo_prepare exactly as TRL would
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -142,7 +147,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
     t = cfg.train
     bf16 = cfg.model.dtype == "bfloat16"
-    args = SFTConfig(
+    common = dict(
         output_dir=str(work / "checkpoints"),
         max_steps=loop_cfg["plan"]["max_steps"],
         per_device_train_batch_size=t.per_device_batch_size,
@@ -165,7 +170,6 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         deepspeed=ds_config,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         max_length=cfg.data.max_length,
-        dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenised, labelled and truncated
         remove_unused_columns=False,
         dataloader_num_workers=0,  # no read-ahead: rows handed out = rows trained (the data position relies on it)
         ignore_data_skip=True,  # on resume the shard skips trained rows itself (exactly, see train/resume.py)
@@ -173,8 +177,20 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         eval_strategy="steps" if loop_cfg["has_eval"] and t.eval_steps else "no",
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=t.per_device_batch_size,
-        **(packing_sft_config_kwargs() if t.packing else {}),
     )
+    if kind == "dpo":
+        args = DPOConfig(
+            **common,
+            beta=cfg.dpo.beta,
+            loss_type=[cfg.dpo.loss_type],
+            truncation_mode="keep_start",  # prepare already fitted every pair into max_length
+        )
+    else:
+        args = SFTConfig(
+            **common,
+            dataset_kwargs={"skip_prepare_dataset": True},  # rows arrive tokenised, labelled and truncated
+            **(packing_sft_config_kwargs() if t.packing else {}),
+        )
     # Built after the arguments: with ZeRO-3 they register the DeepSpeed config, so from_pretrained
     # partitions the weights across ranks while loading instead of materialising a full copy per rank.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.model.dtype))
@@ -182,14 +198,11 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         check_packing_attention(model)  # an attention kernel without a mask function would let rows leak
 
     eos = tokenizer.eos_token_id
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids") if kind == "dpo" else ("input_ids", "labels")
     source = ShardSource(
-        ray.train.get_dataset_shard("train"),
-        probe_example={"input_ids": [eos], "labels": [eos]},
-        columns=("input_ids", "labels"),
+        ray.train.get_dataset_shard("train"), probe_example={c: [eos] for c in columns}, columns=columns
     )
-    features = datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32"))}
-    )
+    features = datasets.Features({c: datasets.List(datasets.Value("int32")) for c in columns})
     eval_source = None
     if loop_cfg["has_eval"]:
         eval_source = ShardSource(ray.train.get_dataset_shard("eval"), source.probe_example, source.columns)
@@ -212,14 +225,19 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         resumed_from = position.global_step
         log.warning("rank %d: resuming from step %d (epoch %d, %d rows of it trained)", rank,
                     position.global_step, position.epoch, position.rows_in_epoch[rank])
-    trainer = RaySFTTrainer(
+    trainer_kwargs: dict[str, Any] = {}
+    if kind == "sft" and t.packing:
+        trainer_kwargs["data_collator"] = packing_collator(tokenizer)
+    # DPO: no ref_model given -> TRL loads a frozen copy of the starting weights and, under DeepSpeed, wraps it
+    # in its own ZeRO-3 inference engine (sharded like the policy); with LoRA the adapter is disabled instead.
+    trainer = (RayDPOTrainer if kind == "dpo" else RaySFTTrainer)(
         model=model,
         args=args,
         train_dataset=shard_to_iterable_dataset(source, features),
         eval_dataset=shard_to_iterable_dataset(eval_source, features) if eval_source else None,
         processing_class=tokenizer,
-        data_collator=packing_collator(tokenizer) if t.packing else None,
         peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
+        **trainer_kwargs,
         callbacks=[
             DataPositionCallback(source, loop_cfg["plan"], rank, world, gather),  # before the upload below
             RayTrainReportCallback(),
@@ -292,6 +310,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
                 "distinct_samples_seen": len(set(all_ids)),
                 "loss_history": history,
                 "eval_loss": eval_metrics.get("eval_loss"),
+                "eval_metrics": eval_metrics,
                 "eval_history": [
                     {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
                 ],
@@ -325,6 +344,7 @@ class SFTJob:
     export and writes the job summary."""
 
     stage = "sft"
+    kind = "sft"
 
     def __init__(self, cfg: SFTJobConfig):
         self.cfg = cfg
@@ -352,30 +372,27 @@ class SFTJob:
         from ray.train import TrainingFailedError
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        from finemed_ray.data.sft_prepare import RowSelection
         from finemed_ray.train.ray_shard import DeterministicSplitDataConfig
-
-        from finemed_ray.data.sft_prepare import RowSelection, prepare_sft, read_prepared
 
         cfg = self.cfg
         selection = RowSelection(cfg.data.department, cfg.data.subdepartment, cfg.data.eval_fraction)
         summary = self._reusable_prepared_data()
         if summary is None:
-            summary = prepare_sft(
-                cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt, selection
-            )
+            summary = self.prepare(selection)
             storage.write_json(self._prepare_record_uri(), {"fingerprint": self._data_fingerprint(),
                                                             "summary": summary.to_dict()})
         self.prepare_summary = summary.to_dict()
         log.info("prepared data: %s", json.dumps(self.prepare_summary))
         self.plan = plan_steps(summary.rows_train, cfg)
-        datasets = {"train": read_prepared(summary.prepared_uri, "train")}
+        datasets = {"train": self.read_prepared(summary.prepared_uri, "train")}
         if summary.rows_eval:
             if summary.rows_eval < cfg.scaling.num_workers:
                 raise FinemedError(
                     f"data.eval_fraction={cfg.data.eval_fraction} holds out {summary.rows_eval} rows, fewer than "
                     f"scaling.num_workers={cfg.scaling.num_workers}; raise it or set it to 0"
                 )
-            datasets["eval"] = read_prepared(summary.prepared_uri, "eval")
+            datasets["eval"] = self.read_prepared(summary.prepared_uri, "eval")
 
         fs, storage_path = storage.get_filesystem(cfg.run.storage_path)
         trainer = TorchTrainer(
@@ -386,6 +403,7 @@ class SFTJob:
                 "plan": self.plan.to_dict(),
                 "prepare": self.prepare_summary,
                 "stage": self.stage,
+                "kind": self.kind,
                 "has_eval": "eval" in datasets,
             },
             scaling_config=ScalingConfig(
@@ -412,16 +430,35 @@ class SFTJob:
                                f"restarts: {_root_cause(e)}") from e
         return self
 
+    # What differs between stage kinds: how rows are prepared and read back.
+    def prepare(self, selection):
+        from finemed_ray.data.sft_prepare import prepare_sft
+
+        cfg = self.cfg
+        return prepare_sft(cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt,
+                           selection)
+
+    def read_prepared(self, uri: str, split: str):
+        from finemed_ray.data.sft_prepare import read_prepared
+
+        return read_prepared(uri, split)
+
+    def summary_class(self):
+        from finemed_ray.data.sft_prepare import PrepareSummary
+
+        return PrepareSummary
+
     # Resume support: a run that already has checkpoints must train on exactly the rows it was prepared with.
     def _prepare_record_uri(self) -> str:
         return storage.join(self.run_uri, "prepare.json")
 
     def _data_fingerprint(self) -> dict[str, Any]:
-        return {"data": self.cfg.data.model_dump(mode="json"), "model": self.cfg.model.path}
+        fingerprint = {"data": self.cfg.data.model_dump(mode="json"), "model": self.cfg.model.path}
+        if self.kind == "dpo":
+            fingerprint["dpo_lengths"] = [self.cfg.dpo.max_prompt_length, self.cfg.dpo.overlong]
+        return fingerprint
 
     def _reusable_prepared_data(self):
-        from finemed_ray.data.sft_prepare import PrepareSummary
-
         if not storage.exists(storage.join(self.run_uri, RAY_CHECKPOINT_STATE_FILE)):
             return None  # a fresh run: (re)prepare
         if not storage.exists(self._prepare_record_uri()):
@@ -435,7 +472,7 @@ class SFTJob:
                 "run.name (or the original settings)"
             )
         log.warning("run %s has checkpoints: resuming with its prepared data", self.cfg.run.name)
-        return PrepareSummary(**record["summary"])
+        return self.summary_class()(**record["summary"])
 
     def save(self) -> dict[str, Any]:
         from finemed_ray.train.export import METADATA_FILE
@@ -465,3 +502,36 @@ class SFTJob:
         }
         storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
         return summary
+
+
+class DPOJob(SFTJob):
+    """DPO from the previous stage's weights against a frozen copy of them (TRL DPOTrainer), same Ray Train,
+    ZeRO-3, resume, LoRA and export machinery as SFT. ``data.path`` holds preference pairs (prompt/chosen/rejected)."""
+
+    stage = "dpo"
+    kind = "dpo"
+
+    def __init__(self, cfg: DPOJobConfig):
+        if not isinstance(cfg, DPOJobConfig):
+            raise ConfigError("DPOJob needs a DPOJobConfig (configs/dpo_*.yaml)")
+        if cfg.train.packing:
+            raise ConfigError("train.packing: not supported for DPO (chosen and rejected are padded per pair)")
+        super().__init__(cfg)
+
+    def prepare(self, selection):
+        from finemed_ray.data.dpo_prepare import prepare_dpo
+
+        cfg = self.cfg
+        return prepare_dpo(cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length,
+                           max_prompt_length=cfg.dpo.max_prompt_length, overlong=cfg.dpo.overlong,
+                           system_prompt=cfg.data.system_prompt, selection=selection)
+
+    def read_prepared(self, uri: str, split: str):
+        from finemed_ray.data.dpo_prepare import read_prepared_dpo
+
+        return read_prepared_dpo(uri, split)
+
+    def summary_class(self):
+        from finemed_ray.data.dpo_prepare import DPOPrepareSummary
+
+        return DPOPrepareSummary
