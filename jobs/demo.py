@@ -2,16 +2,18 @@
 
 1. start an S3-compatible server on 127.0.0.1 (moto) and point the AWS variables at it;
 2. build the tiny Llama-style model + locally trained tokenizer, save it to S3;
-3. write a sample SFT dataset (synthetic medical facts, plus a few broken rows that get quarantined) to S3;
-4. run SFT with Ray Train + DeepSpeed ZeRO-3 on a local Ray cluster, 2 CPU workers, data streamed by Ray Data;
-5. reload the consolidated Hugging Face export from S3 and print a generated reply.
+3. write sample datasets to S3: SFT conversations with departments (plus broken rows that get quarantined),
+   o1-style reasoning conversations, and DPO pairs (chosen = reasoning, rejected = direct answer);
+4. run FineMedLM-o1's training recipe (``configs/recipe_finemed_tiny.yaml``): 3 curriculum SFT stages,
+   reasoning SFT, DPO; each with Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers, data streamed by Ray Data;
+5. reload the exports from S3: held-out multiple-choice accuracy per stage (chance 25%), DPO preference metrics
+   on held-out pairs, and generated replies.
 
-Extra ``key=value`` arguments override ``configs/sft_tiny.yaml``, e.g. ``python -m jobs.demo train.epochs=1``.
+Extra ``key=value`` arguments override the recipe, e.g. ``python -m jobs.demo defaults.train.epochs=1``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "finemed-demo"
+RECIPE = ROOT / "configs/recipe_finemed_tiny.yaml"
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -29,11 +32,13 @@ def run(argv: list[str] | None = None) -> dict:
 
     from finemed_ray import storage
     from finemed_ray.config import load_config
-    from finemed_ray.data.sample import bad_sft_rows, sample_sft_rows, write_jsonl
+    from finemed_ray.data.sample import (bad_dpo_rows, bad_sft_rows, sample_dpo_rows, sample_mcq_items,
+                                         sample_reasoning_rows, sample_sft_rows, write_jsonl)
+    from finemed_ray.eval.loglik import mcq_loglik_accuracy, synthetic_option_fact_continuations
+    from finemed_ray.eval.preference import preference_metrics
     from finemed_ray.models.loading import generate_reply, load_model, load_tokenizer, resolve_model_path
     from finemed_ray.models.tiny import save_tiny_model
-    from finemed_ray.train.configs import SFTJobConfig
-    from finemed_ray.train.sft import SFTJob
+    from finemed_ray.train.recipe import RecipeConfig, run_recipe
 
     t0 = time.time()
     s3 = storage.EmbeddedS3(buckets=(BUCKET,))
@@ -43,45 +48,47 @@ def run(argv: list[str] | None = None) -> dict:
         save_tiny_model(model_uri)
         print(f"[2/5] tiny model + tokenizer -> {model_uri}", flush=True)
 
-        data_uri = f"s3://{BUCKET}/data/sft.jsonl"
+        data = f"s3://{BUCKET}/data"
         rows = sample_sft_rows(paraphrases="train", system_prompt=None)
-        write_jsonl(rows + bad_sft_rows(), data_uri)
-        print(f"[3/5] {len(rows)} conversations + {len(bad_sft_rows())} broken rows -> {data_uri}", flush=True)
+        write_jsonl(rows + bad_sft_rows(), f"{data}/sft.jsonl")
+        write_jsonl(sample_reasoning_rows(paraphrases="train", system_prompt=None), f"{data}/reasoning.jsonl")
+        write_jsonl(sample_dpo_rows(paraphrases="train") + bad_dpo_rows(), f"{data}/dpo.jsonl")
+        print(f"[3/5] {len(rows)} conversations (+{len(bad_sft_rows())} broken), reasoning conversations, DPO "
+              f"pairs (+{len(bad_dpo_rows())} broken) -> {data}/", flush=True)
 
-        cfg = load_config(
-            SFTJobConfig,
-            ROOT / "configs/sft_tiny.yaml",
-            [f"model.path={model_uri}", f"data.path={data_uri}", *overrides],
-        )
-        print(f"[4/5] SFT: {cfg.scaling.num_workers} Ray Train workers, DeepSpeed {cfg.deepspeed.config}", flush=True)
-        job = SFTJob(cfg).setup()
-        job.run()
-        summary = job.save()
+        recipe = load_config(RecipeConfig, RECIPE, [f"base_model={model_uri}", *overrides])
+        print(f"[4/5] recipe {recipe.name}: {' -> '.join(s.name for s in recipe.stages)}", flush=True)
+        result = run_recipe(recipe)
 
-        export = cfg.output.export_path
-        local = resolve_model_path(export)
-        tokenizer, model = load_tokenizer(local), load_model(local)
-        # One question worded as in training, one held-out paraphrase: the tiny model memorises the first; the
-        # second shows how far 2 layers x 128 generalise (issue 3 measures this properly, as an MCQ accuracy).
-        questions = {
-            "trained wording": rows[0]["messages"][0]["content"],
-            "held-out wording": sample_sft_rows(paraphrases="heldout", system_prompt=None)[0]["messages"][0]["content"],
-        }
-        print(f"[5/5] export {export} reloaded from S3; greedy replies:", flush=True)
-        replies = {}
-        for label, question in questions.items():
-            messages = [{"role": "user", "content": question}]
-            if cfg.data.system_prompt:
-                messages.insert(0, {"role": "system", "content": cfg.data.system_prompt})
-            replies[label] = {"question": question,
-                              "reply": generate_reply(model, tokenizer, messages, max_new_tokens=40)}
-            print(f"\n  ({label}) Q: {question}\n  A: {replies[label]['reply']}", flush=True)
-        print(flush=True)
-        summary.update({"demo_replies": replies, "demo_seconds": round(time.time() - t0, 1)})
+        print("[5/5] exports reloaded from S3", flush=True)
+        items = sample_mcq_items(paraphrases="heldout")  # questions worded as never seen in training
+        accuracy = {}
+        for name, uri in [("base", model_uri)] + [(c.run.name, c.output.export_path) for c in recipe.stage_configs()]:
+            local = resolve_model_path(uri)
+            r = mcq_loglik_accuracy(load_model(local), load_tokenizer(local), items,
+                                    synthetic_option_fact_continuations)
+            accuracy[name] = r["accuracy"]
+            print(f"  held-out MCQ accuracy {name:40s} {r['accuracy']:.3f}  (chance {r['chance']:.2f})", flush=True)
+
+        stage_cfgs = recipe.stage_configs()
+        dpo_cfg, parent = stage_cfgs[-1], resolve_model_path(stage_cfgs[-1].model.path)
+        final = resolve_model_path(dpo_cfg.output.export_path)
+        tokenizer, model = load_tokenizer(final), load_model(final)
+        prefs = preference_metrics(model, load_model(parent), tokenizer,
+                                   sample_dpo_rows(paraphrases="heldout")[:64], beta=dpo_cfg.dpo.beta)
+        print(f"  DPO on held-out pairs: reward margin {prefs['reward_margin']:.3f}, preference accuracy "
+              f"{prefs['preference_accuracy']:.3f} (the reference itself scores 0 and 0)", flush=True)
+
+        question = sample_sft_rows(paraphrases="heldout", system_prompt=None)[0]["messages"][0]["content"]
+        messages = [{"role": "system", "content": "You are a helpful professional doctor."},
+                    {"role": "user", "content": question}]
+        reply = generate_reply(model, tokenizer, messages, max_new_tokens=80)
+        print(f"\n  (held-out wording) Q: {question}\n  A: {reply}\n", flush=True)
         import ray
 
         ray.shutdown()
-    return summary
+    return {"recipe": result, "heldout_mcq_accuracy": accuracy, "dpo_heldout": prefs,
+            "demo_reply": {"question": question, "reply": reply}, "demo_seconds": round(time.time() - t0, 1)}
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""SFT on a simulated two-node Ray cluster, one training worker per node (STRICT_SPREAD).
+"""SFT and DPO on a simulated two-node Ray cluster, one training worker per node (STRICT_SPREAD).
 
 Each worker works in its own temp dir; data, checkpoints and the export travel only through S3."""
 
@@ -57,3 +57,29 @@ def test_sft_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
     assert summary["global_step"] == summary["plan"]["max_steps"] == 2
     assert storage.is_complete(f"{prefix}/export")
     assert summary["checkpoint"].startswith(f"{prefix}/runs/two-nodes/")
+
+
+def test_dpo_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
+    """DPO from the SFT export above (as in the recipe): policy and frozen reference sharded across the nodes."""
+    from finemed_ray.data.sample import sample_dpo_rows
+    from finemed_ray.train.configs import DPOJobConfig
+    from finemed_ray.train.sft import DPOJob
+
+    prefix = "s3://finemed-test/multinode"
+    parent = f"{prefix}/export" if storage.is_complete(f"{prefix}/export") else tiny_model_s3
+    write_jsonl(sample_dpo_rows(seed=3)[:16], f"{prefix}/dpo.jsonl")
+    cfg = load_config(
+        DPOJobConfig,
+        ROOT / "configs/dpo_tiny.yaml",
+        [f"model.path={parent}", f"data.path={prefix}/dpo.jsonl", f"run.storage_path={prefix}/runs",
+         "run.name=two-nodes-dpo", f"output.export_path={prefix}/export-dpo", "train.report_to=[]",
+         "data.eval_fraction=0", "train.per_device_batch_size=4", "scaling.placement_strategy=STRICT_SPREAD"],
+    )
+    job = DPOJob(cfg).setup()
+    job.run()
+    summary = job.save()
+    meta = storage.read_json(f"{prefix}/export-dpo/finemed_export.json")
+    assert len({s["node_id"] for s in meta["sharding_per_rank"]}) == 2
+    assert all(s["local_numel"] < s["total_numel"] for s in meta["sharding_per_rank"])
+    assert summary["global_step"] == summary["plan"]["max_steps"] == 2
+    assert storage.is_complete(f"{prefix}/export-dpo")

@@ -166,6 +166,37 @@ def test_only_bad_rows_fails_with_reasons(tiny_model_s3, ray_cluster, s3_prefix)
     assert storage.list_files(f"{s3_prefix}/run/quarantine", suffixes=(".parquet",))
 
 
+def test_empty_dataset_fails_naming_it(tiny_model_s3, ray_cluster, s3_prefix):
+    storage.write_text(f"{s3_prefix}/empty.jsonl", "\n\n")
+    cfg = sft_config(s3_prefix, tiny_model_s3, f"{s3_prefix}/empty.jsonl")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        SFTJob(cfg).setup().run()
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop"])
+def test_overlong_rows_are_truncated_or_quarantined_and_counted(tiny_model_s3, ray_cluster, s3_prefix, policy):
+    import pyarrow.parquet as pq
+
+    from finemed_ray.data.sft_prepare import prepare_sft
+
+    rows = sample_sft_rows(n=12, seed=3, system_prompt=None)
+    long_row = {"messages": [{"role": "user", "content": "Explain. " * 200},
+                             {"role": "assistant", "content": "Short answer."}]}
+    data_uri = f"{s3_prefix}/long.jsonl"
+    write_jsonl(rows + [long_row], data_uri)
+    summary = prepare_sft(data_uri, tiny_model_s3, f"{s3_prefix}/run", max_length=128, overlong=policy)
+    if policy == "truncate":
+        # The long row's assistant turn falls outside the window: it has nothing to learn from and is
+        # quarantined with that reason; rows cut within an assistant turn are kept and counted.
+        assert summary.rows_quarantined == 1 and "no assistant tokens" in json.dumps(summary.quarantine_reasons)
+    else:
+        assert summary.rows_truncated == 0 and summary.quarantine_reasons.get("overlong", 0) >= 1
+        fs, path = storage.get_filesystem(summary.quarantine_uri)
+        reasons = pq.read_table(path, filesystem=fs).column("reason").to_pylist()
+        assert any(r.startswith("overlong:") and "data.max_length=128" in r for r in reasons)
+    assert summary.rows_in == 13 and summary.rows_valid + summary.rows_quarantined == 13
+
+
 def test_unwritable_export_fails_before_training(tiny_model_s3, s3, s3_prefix):
     from finemed_ray.errors import StorageError
 

@@ -119,7 +119,7 @@ def _cached_tokenizer(path: str):
 
 
 def prepare_batch(batch: pa.Table, tokenizer_path: str, max_length: int, system_prompt: str | None,
-                  fmt: str, selection: RowSelection = RowSelection()) -> pa.Table:
+                  fmt: str, selection: RowSelection = RowSelection(), overlong: str = "truncate") -> pa.Table:
     """Validate + tokenise one Arrow batch; every input row yields exactly one output row."""
     tok = _cached_tokenizer(tokenizer_path)
     if fmt == "jsonl":
@@ -142,7 +142,9 @@ def prepare_batch(batch: pa.Table, tokenizer_path: str, max_length: int, system_
                 err = f"chat template: {e}"
             except Exception as e:  # tokenizer failure on this row only: quarantine it, keep going
                 err = f"tokenization failed: {type(e).__name__}: {e}"
-        if result is not None and all(lbl == IGNORE_INDEX for lbl in result["labels"]):
+        if result is not None and overlong == "drop" and result["truncated"]:
+            err = f"overlong: {result['num_tokens']} tokens > data.max_length={max_length} (data.overlong=drop)"
+        elif result is not None and all(lbl == IGNORE_INDEX for lbl in result["labels"]):
             err = (f"no assistant tokens within max_length={max_length} "
                    f"(conversation has {result['num_tokens']} tokens)")
         good = err is None
@@ -168,7 +170,8 @@ def _reason_kind(reason: str) -> str:
 
 
 def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: int,
-                system_prompt: str | None = None, selection: RowSelection = RowSelection()) -> PrepareSummary:
+                system_prompt: str | None = None, selection: RowSelection = RowSelection(),
+                overlong: str = "truncate") -> PrepareSummary:
     """Tokenise ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into ``<out_uri>/quarantine``."""
     import ray.data
     from ray.data.expressions import col
@@ -191,9 +194,11 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
         prepare_batch,
         batch_format="pyarrow",
         fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, system_prompt=system_prompt, fmt=fmt,
-                       selection=selection),
+                       selection=selection, overlong=overlong),
     ).write_parquet(prepared_path, filesystem=out_fs)
 
+    if not storage.list_files(prepared_uri, suffixes=(".parquet",)):  # Ray Data writes no file for 0 rows
+        raise DataError(f"{input_uri}: the dataset is empty (no rows in {', '.join(files)})")
     summary = PrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri)
     stats = ray.data.read_parquet(prepared_path, filesystem=out_fs).select_columns(
         ["num_tokens", "truncated", "split", "department", "subdepartment", "error"]

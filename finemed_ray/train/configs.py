@@ -52,6 +52,10 @@ class DataSection(StrictModel):
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Share of selected rows held out for eval loss, by a stable id hash (paper 0.1)."
     )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Rows longer than max_length: cut them (counted as rows_truncated) or quarantine them (drop).",
+    )
 
 
 class TrainSection(StrictModel):
@@ -153,9 +157,6 @@ class DPOSection(StrictModel):
     )
     max_prompt_length: int | None = Field(
         None, ge=1, description="Prompt tokens kept (cut from the left); null = only data.max_length applies."
-    )
-    overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="Pairs over the limits: cut the completions (counted) or quarantine the row."
     )
 
 

@@ -1,8 +1,9 @@
-"""A training recipe: SFT stages run in sequence, each starting from the previous stage's export.
+"""A training recipe: stages run in sequence, each starting from the previous stage's export.
 
-FineMedLM's curriculum is three SFT stages (all medical data -> one primary department -> one secondary
-department). A recipe is a shared ``defaults`` SFT config plus per-stage overrides; every stage is an ordinary
-``SFTJob`` (so each also runs alone through ``jobs.sft``) and writes its own export with its parent recorded.
+FineMedLM-o1's recipe: three curriculum SFT stages (all medical data -> one primary department -> one secondary
+department), reasoning SFT on long Thought/Summarization answers, then DPO. A recipe is a shared ``defaults``
+config plus per-stage overrides; every stage is an ordinary ``SFTJob``/``DPOJob`` (so each also runs alone
+through ``jobs.sft``/``jobs.dpo``) and writes its own export with its parent recorded.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from pydantic import Field, field_validator
 from finemed_ray import storage
 from finemed_ray.config import StrictModel, validate
 from finemed_ray.errors import ConfigError
-from finemed_ray.train.configs import SFTJobConfig
+from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
+
+
+STAGE_KINDS = {"sft": SFTJobConfig, "dpo": DPOJobConfig}
 
 
 class StageSpec(StrictModel):
     name: str = Field(description="Stage name; run name <recipe>-<stage> and export <export_root>/<stage>.")
-    kind: str = Field("sft", description="Stage type; 'sft' (reasoning SFT and DPO arrive with the DPO stage).")
+    kind: str = Field("sft", description="Stage type: 'sft' (curriculum or reasoning SFT) or 'dpo'.")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Nested SFT config keys changed for this stage, e.g. data.department."
     )
@@ -36,8 +40,8 @@ class StageSpec(StrictModel):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        if v != "sft":
-            raise ValueError(f"unsupported stage kind {v!r}; supported: 'sft'")
+        if v not in STAGE_KINDS:
+            raise ValueError(f"unsupported stage kind {v!r}; supported: {sorted(STAGE_KINDS)}")
         return v
 
 
@@ -46,11 +50,13 @@ class RecipeConfig(StrictModel):
     base_model: str = Field(description="Model the first stage starts from (local, s3:// or hub id).")
     export_root: str = Field(description="Stage exports go to <export_root>/<stage name> (local or s3://).")
     defaults: dict[str, Any] = Field(
-        description="SFT config shared by all stages (same keys as configs/sft_*.yaml, minus model/output)."
+        description="Config shared by all stages (keys of configs/sft_*.yaml, minus model/output; dpo keys go "
+        "in a DPO stage's overrides)."
     )
     stages: list[StageSpec] = Field(min_length=1, description="Stages in order; each starts from the last export.")
 
-    def stage_configs(self) -> list[SFTJobConfig]:
+    def stage_configs(self) -> list[SFTJobConfig]:  # DPOJobConfig for kind 'dpo'
+
         """Validate every stage up front, so a typo in stage 3 fails before stage 1 trains."""
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
@@ -62,7 +68,7 @@ class RecipeConfig(StrictModel):
             data.setdefault("run", {})["name"] = f"{self.name}-{stage.name}"
             data.setdefault("model", {})["path"] = parent
             data.setdefault("output", {})["export_path"] = storage.join(self.export_root, stage.name)
-            cfg = validate(SFTJobConfig, data, source=f"stages[{i}] ({stage.name})")
+            cfg = validate(STAGE_KINDS[stage.kind], data, source=f"stages[{i}] ({stage.name})")
             out.append(cfg)
             parent = cfg.output.export_path
         return out
@@ -78,16 +84,24 @@ def _deep_update(base: dict, update: dict) -> None:
 
 def run_recipe(recipe: RecipeConfig, only: list[str] | None = None) -> dict[str, Any]:
     """Run the stages (all, or the named ones: a later stage alone needs its parent's export to exist)."""
-    from finemed_ray.train.sft import SFTJob
+    from finemed_ray.train.sft import DPOJob, SFTJob
 
     t0 = time.time()
     results = []
     for spec, cfg in zip(recipe.stages, recipe.stage_configs()):
         if only and spec.name not in only:
             continue
-        job = SFTJob(cfg)
+        if spec is not recipe.stages[0]:
+            _check_parent(cfg)  # before any compute: a missing or half-written parent export
+        job = (DPOJob if spec.kind == "dpo" else SFTJob)(cfg)
         job.stage = f"{spec.kind}:{spec.name}"
         job.setup()
         job.run()
         results.append(job.save())
     return {"recipe": recipe.name, "stages": results, "seconds": round(time.time() - t0, 3)}
+
+
+def _check_parent(cfg: SFTJobConfig) -> None:
+    """A stage's parent is the previous stage's export; refuse to start from an incomplete one."""
+    if not storage.is_complete(cfg.model.path):
+        raise ConfigError(f"stage {cfg.run.name}: its parent export {cfg.model.path} is missing or incomplete")

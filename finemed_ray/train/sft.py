@@ -436,7 +436,7 @@ class SFTJob:
 
         cfg = self.cfg
         return prepare_sft(cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length, cfg.data.system_prompt,
-                           selection)
+                           selection, overlong=cfg.data.overlong)
 
     def read_prepared(self, uri: str, split: str):
         from finemed_ray.data.sft_prepare import read_prepared
@@ -455,7 +455,7 @@ class SFTJob:
     def _data_fingerprint(self) -> dict[str, Any]:
         fingerprint = {"data": self.cfg.data.model_dump(mode="json"), "model": self.cfg.model.path}
         if self.kind == "dpo":
-            fingerprint["dpo_lengths"] = [self.cfg.dpo.max_prompt_length, self.cfg.dpo.overlong]
+            fingerprint["dpo_max_prompt_length"] = self.cfg.dpo.max_prompt_length
         return fingerprint
 
     def _reusable_prepared_data(self):
@@ -523,7 +523,7 @@ class DPOJob(SFTJob):
 
         cfg = self.cfg
         return prepare_dpo(cfg.data.path, cfg.model.path, self.run_uri, cfg.data.max_length,
-                           max_prompt_length=cfg.dpo.max_prompt_length, overlong=cfg.dpo.overlong,
+                           max_prompt_length=cfg.dpo.max_prompt_length, overlong=cfg.data.overlong,
                            system_prompt=cfg.data.system_prompt, selection=selection)
 
     def read_prepared(self, uri: str, split: str):
