@@ -64,8 +64,8 @@ def test_curriculum_learns_the_facts_far_above_chance(curriculum):
     print("held-out MCQ accuracy:", acc)
     assert len(curriculum["items"]) == 64
     assert acc["base"] < 0.45  # the untrained model: chance is 0.25
-    assert acc["curriculum-tiny-stage1-all"] >= 0.55
-    assert acc["curriculum-tiny-stage3-endocrinology"] >= 0.5  # after the whole curriculum
+    assert acc["curriculum-tiny-stage1-all"] >= 0.6  # measured 0.75
+    assert acc["curriculum-tiny-stage3-endocrinology"] >= 0.6  # after the whole curriculum (measured 0.73)
 
 
 def test_each_stage_starts_from_the_previous_export(curriculum):
