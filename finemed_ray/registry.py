@@ -10,9 +10,10 @@ from finemed_ray.errors import ConfigError
 
 def config_classes() -> dict[str, type]:
     from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
+    from finemed_ray.synth.config import SynthJobConfig
     from finemed_ray.train.recipe import RecipeConfig
 
-    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "recipe": RecipeConfig}
+    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "recipe": RecipeConfig, "synth": SynthJobConfig}
 
 
 def config_class_for(path: str | Path) -> type:

@@ -63,6 +63,15 @@ def checkpoints_with_position(cfg) -> list[str]:
     return [f for f in storage.list_files(run_uri) if f.endswith("/" + POSITION_FILE)]
 
 
+def checkpoint_registered(cfg) -> bool:
+    """Ray Train writes its checkpoint bookkeeping after a checkpoint is fully uploaded and registered; files of a
+    checkpoint still uploading may already be visible, and killing then would (rightly) restart from scratch."""
+    from finemed_ray.train.sft import RAY_CHECKPOINT_STATE_FILE
+
+    uri = storage.join(cfg.run.storage_path, cfg.run.name, RAY_CHECKPOINT_STATE_FILE)
+    return storage.exists(uri) and "checkpoint_" in storage.read_text(uri)
+
+
 def train_worker_pids() -> list[int]:
     """PIDs of live Ray Train worker processes (Ray titles its actor processes 'ray::RayTrainWorker...')."""
     import psutil
@@ -104,7 +113,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_samples(reference,
     deadline = time.time() + 300
     killed = None
     while time.time() < deadline and thread.is_alive():
-        if checkpoints_with_position(cfg):  # a checkpoint (with its data position) is on S3: kill mid-run
+        if checkpoint_registered(cfg):  # a checkpoint is on S3 and Ray has registered it: kill mid-run
             pids = train_worker_pids()
             if len(pids) == 2:
                 killed = sorted(pids)[-1]

@@ -69,18 +69,22 @@ def plan_steps(rows_valid: int, cfg: SFTJobConfig) -> StepPlan:
 
 
 def ensure_ray(cfg: SFTJobConfig) -> None:
-    """Join the job's cluster (``ray job submit`` sets RAY_ADDRESS), ``ray.address``, or start a local one."""
+    ensure_ray_address(cfg.ray.address, cfg.ray.local_num_cpus)
+
+
+def ensure_ray_address(address: str | None, local_num_cpus: int) -> None:
+    """Join the job's cluster (``ray job submit`` sets RAY_ADDRESS), ``address``, or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     # address="local": always a fresh cluster, never a stray `ray start` cluster found on this machine.
-    ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
 # Ray Train (v2) keeps its checkpoint bookkeeping here; re-running a run name with it present resumes.

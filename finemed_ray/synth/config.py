@@ -1,0 +1,138 @@
+"""Typed config of the synthesis job (``configs/synth_*.yaml``); every field's description is its documentation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from finemed_ray.config import StrictModel
+
+# The teacher-calling steps, in pipeline order. `teachers.steps` maps each to a named teacher.
+TEACHER_STEPS = (
+    "classify_primary",
+    "classify_secondary",
+    "generate_questions",
+    "score_questions",
+    "answer_common",
+    "judge",
+    "answer_complex",
+    "follow_up",
+    "direct_answer",
+)
+
+
+class TeacherConfig(StrictModel):
+    backend: Literal["http", "hf", "vllm"] = Field(description="http (OpenAI-compatible), hf (transformers), vllm.")
+    model: str = Field(description="Model name (http) or a local/s3:// model directory (hf, vllm).")
+    base_url: str | None = Field(None, description="http: OpenAI-compatible base URL, e.g. http://host:8000/v1.")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="http: env var holding the API key (never the key).")
+    max_tokens: int = Field(512, ge=1, description="Generated tokens per call.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy.")
+    concurrency: int = Field(4, ge=1, description="http: requests in flight per Ray worker; hf/vllm: replicas.")
+    batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to the teacher.")
+    max_retries: int = Field(5, ge=0, description="http: retries on 429/5xx/timeouts, exponential backoff.")
+    timeout_s: float = Field(60.0, gt=0, description="http: per-request timeout in seconds.")
+    extra: dict = Field(default_factory=dict, description="Backend-specific options (e.g. vllm engine_kwargs).")
+
+
+class TeachersSection(StrictModel):
+    models: dict[str, TeacherConfig] = Field(description="Named teachers, e.g. {main: ..., reasoner: ..., judge: ...}.")
+    default: str = Field(description="Teacher used by every step not listed in `steps`.")
+    steps: dict[str, str] = Field(
+        default_factory=dict, description=f"Step -> teacher name overrides; steps: {', '.join(TEACHER_STEPS)}."
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> "TeachersSection":
+        names = set(self.models)
+        if self.default not in names:
+            raise ValueError(f"default: unknown teacher {self.default!r}; defined: {sorted(names)}")
+        for step, name in self.steps.items():
+            if step not in TEACHER_STEPS:
+                raise ValueError(f"steps.{step}: unknown step; steps: {list(TEACHER_STEPS)}")
+            if name not in names:
+                raise ValueError(f"steps.{step}: unknown teacher {name!r}; defined: {sorted(names)}")
+        return self
+
+    def for_step(self, step: str) -> tuple[str, TeacherConfig]:
+        name = self.steps.get(step, self.default)
+        return name, self.models[name]
+
+
+class InputSection(StrictModel):
+    path: str = Field(description="Seed documents: .jsonl/.parquet file or prefix (local or s3://); field `text`.")
+    text_field: str = Field("text", description="Column holding the document text (PubMedQA-style files: question).")
+    max_tokens: int = Field(2048, ge=16, description="Longest seed text, in tokens (see overlong).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Texts over max_tokens: cut them (counted) or quarantine them."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (HF dir or s3://) for counting tokens; null = whitespace-separated words."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N documents (smoke runs); null = all.")
+
+
+class SelectionSection(StrictModel):
+    questions_per_text: int = Field(2, ge=1, description="Questions the teacher writes per text (paper: 2).")
+    complex_threshold: int = Field(8, ge=1, le=10, description="complexity > this -> complex question (paper: 8).")
+
+
+class AnswersSection(StrictModel):
+    judge: Literal["teacher", "reward_model"] = Field(
+        "teacher", description="Who picks between the two common answers: the judge teacher or a reward model."
+    )
+    reward_model: str | None = Field(
+        None, description="judge=reward_model: a sequence-classification model directory (local or s3://)."
+    )
+
+    @model_validator(mode="after")
+    def _rm(self) -> "AnswersSection":
+        if self.judge == "reward_model" and not self.reward_model:
+            raise ValueError("reward_model: required when judge=reward_model")
+        return self
+
+
+class DialogueSection(StrictModel):
+    follow_up_turns: int = Field(1, ge=0, description="Follow-up question/answer turns added per dialogue (0 = none).")
+    personas: list[Literal["patient", "clinician"]] = Field(
+        default_factory=lambda: ["patient", "clinician"], min_length=1,
+        description="Who asks follow-ups, cycled per turn.",
+    )
+
+
+class DecontamSection(StrictModel):
+    benchmarks: dict[str, str] = Field(
+        default_factory=dict, description="Benchmark name -> JSONL path (local or s3://); empty = no decontamination."
+    )
+    ngram: int = Field(13, ge=3, description="Word n-gram length for overlap (default 13).")
+
+
+class SynthOutputSection(StrictModel):
+    path: str = Field(description="Output prefix (local or s3://): sft/, reasoning/, dpo/, quarantine/, manifest.json.")
+
+
+class SynthRaySection(StrictModel):
+    address: str | None = Field(None, description="Ray cluster; null = the `ray job submit` cluster, else local.")
+    local_num_cpus: int = Field(4, ge=2, description="Logical CPUs of a local cluster.")
+
+
+class TaxonomySection(StrictModel):
+    departments: dict[str, list[str]] | None = Field(
+        None, description="Primary department -> its secondary departments; null = the paper's 6/29 "
+        "(finemed_ray/synth/taxonomy.py)."
+    )
+
+
+class SynthJobConfig(StrictModel):
+    name: str = Field(description="Job name (in the manifest).")
+    seed: int = Field(0, description="Seed for tie-breaks and persona choice.")
+    input: InputSection = Field(description="The seed corpus.")
+    teachers: TeachersSection = Field(description="Teacher models and which step uses which.")
+    taxonomy: TaxonomySection = Field(default_factory=TaxonomySection, description="Department labels.")
+    selection: SelectionSection = Field(default_factory=SelectionSection, description="Question selection.")
+    answers: AnswersSection = Field(default_factory=AnswersSection, description="Answer generation and judging.")
+    dialogue: DialogueSection = Field(default_factory=DialogueSection, description="Multi-turn dialogues.")
+    decontamination: DecontamSection = Field(default_factory=DecontamSection, description="Benchmark decontamination.")
+    output: SynthOutputSection = Field(description="Where datasets, quarantine and manifest go.")
+    ray: SynthRaySection = Field(default_factory=SynthRaySection, description="Which Ray cluster runs the job.")

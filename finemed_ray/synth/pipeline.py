@@ -1,0 +1,684 @@
+"""The FineMed synthesis pipeline on Ray Data (``jobs/synthesize.py`` is its entrypoint).
+
+Seed texts -> primary + secondary department (teacher) -> questions -> scores -> the paper's selection ->
+common/complex split -> answers (common: two styles + a judge; complex: Thought/Summarization reasoning) ->
+follow-up turns -> DPO rejected answers -> benchmark decontamination -> SFT (partitioned by department),
+reasoning SFT and DPO datasets, quarantine and a manifest.
+
+Every document is one row (``doc_id``, ``status``, ``kind``, ``state`` as JSON). Each teacher step turns the
+documents that need it into request rows, sends only requests whose response is not cached yet
+(``finemed_ray.synth.cache``), joins the responses back and applies the step's parser per document. A bad teacher
+output drops the document with a reason (kept, with the raw output, in the quarantine); it never fails the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from finemed_ray import storage
+from finemed_ray.errors import DataError
+from finemed_ray.synth import parsing, prompts
+from finemed_ray.synth.cache import StepStats, request_key, run_cached_step
+from finemed_ray.synth.config import SynthJobConfig
+
+log = logging.getLogger(__name__)
+
+DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("status", pa.string()), ("kind", pa.string()),
+                        ("state", pa.string())])
+ACTIVE, DROPPED = "active", "dropped"
+STYLES = tuple(prompts.ANSWER_STYLES)  # the two answer styles of common questions
+
+
+# ------------------------------------------------------------------------------------------------ documents
+def _doc(doc_id: str, status: str, kind: str, state: dict) -> dict:
+    return {"doc_id": doc_id, "status": status, "kind": kind, "state": json.dumps(state, ensure_ascii=False)}
+
+
+def _count_tokens(text: str, tokenizer: Any) -> tuple[int, Callable[[int], str]]:
+    if tokenizer is None:
+        words = text.split()
+        return len(words), lambda n: " ".join(words[:n])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return len(ids), lambda n: tokenizer.decode(ids[:n])
+
+
+def seed_batch(batch: pa.Table, fmt: str, text_field: str, max_tokens: int, overlong: str,
+               tokenizer_path: str | None, source_uri: str) -> pa.Table:
+    """Raw input rows -> documents. Invalid, empty or (with overlong=drop) over-long rows become dropped docs."""
+    tokenizer = None
+    if tokenizer_path:
+        from finemed_ray.data.sft_prepare import _cached_tokenizer
+
+        tokenizer = _cached_tokenizer(tokenizer_path)
+    rows = batch.column("text").to_pylist() if fmt == "jsonl" else batch.to_pylist()
+    out = []
+    for raw in rows:
+        row, err = _json_line(raw) if fmt == "jsonl" else (raw, None)
+        raw_text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+        text = row.get(text_field) if isinstance(row, dict) else None
+        if err is None and not (isinstance(text, str) and text.strip()):
+            err = f"seed: field {text_field!r} missing or empty"
+        if err:
+            did = "bad-" + hashlib.sha256(raw_text.encode()).hexdigest()[:16]
+            out.append(_doc(did, DROPPED, "", {"dropped_at": "read", "reason": err, "raw": raw_text}))
+            continue
+        text = " ".join(text.split()) if tokenizer is None else text.strip()
+        n_tokens, cut = _count_tokens(text, tokenizer)
+        truncated = False
+        if n_tokens > max_tokens:
+            if overlong == "drop":
+                did = "long-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+                out.append(_doc(did, DROPPED, "", {"dropped_at": "read", "raw": raw_text,
+                                                   "reason": f"overlong: {n_tokens} tokens > input.max_tokens={max_tokens}"}))
+                continue
+            text, truncated = cut(max_tokens), True
+        text_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+        given = row.get("id")
+        doc_id = str(given) if isinstance(given, (str, int)) and str(given) else "d" + text_hash
+        out.append(_doc(doc_id, ACTIVE, "", {
+            "text": text, "text_hash": text_hash, "source": row.get("source") or source_uri,
+            "language": row.get("language"), "truncated": truncated, "tokens": min(n_tokens, max_tokens)}))
+    return pa.Table.from_pylist(out, schema=DOC_SCHEMA)
+
+
+def _json_line(line: str) -> tuple[Any, str | None]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} at column {e.colno}"
+    if not isinstance(value, dict):
+        return None, f"seed: expected a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def dedupe_group(group: pa.Table) -> pa.Table:
+    """Documents with the same text: keep the first (by id), drop the others with a reason (nothing is lost)."""
+    rows = sorted(group.to_pylist(), key=lambda r: r["doc_id"])
+    for r in rows[1:]:
+        state = json.loads(r["state"])
+        r.update(status=DROPPED, state=json.dumps({"dropped_at": "dedupe", "raw": state["text"],
+                                                   "reason": f"duplicate: same text as {rows[0]['doc_id']}"}))
+    return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+# Each step: which documents it applies to, the requests it makes for one document, and how the responses
+# (in request order) update the document. `apply` returns (state, None) or (state, drop reason).
+def _build_primary(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.classify_primary(st["text"], _taxonomy(cfg))]
+
+
+def _apply_primary(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    text = resp[0]["text"]
+    label = _taxonomy(cfg).match_primary(text) if text is not None else None
+    if label is None:
+        return st, f"unclassified_primary: {_short(text)}"
+    st["department"] = label
+    return st, None
+
+
+def _build_secondary(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.classify_secondary(st["text"], st["department"], _taxonomy(cfg))]
+
+
+def _apply_secondary(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    text = resp[0]["text"]
+    label = _taxonomy(cfg).match_secondary(text, st["department"]) if text is not None else None
+    if label is None:
+        return st, f"unclassified_secondary: {_short(text)}"
+    st["subdepartment"] = label
+    return st, None
+
+
+def _build_questions(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.generate_questions(st["text"], cfg["selection"]["questions_per_text"])]
+
+
+def _apply_questions(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    got = parsing.parse_questions(resp[0]["text"], cfg["selection"]["questions_per_text"])
+    if not got.ok:
+        return st, f"questions_{got.reason}"
+    st["questions"] = got.value
+    return st, None
+
+
+def _build_scores(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.score_question(st["text"], q) for q in st["questions"]]
+
+
+def _apply_scores(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    candidates, problems = [], []
+    for q, r in zip(st["questions"], resp):
+        got = parsing.parse_scores(r["text"])
+        candidates.append({"question": q, "scores": got.value})
+        if not got.ok:
+            problems.append(got.reason)
+    st["candidates"] = candidates
+    if problems:
+        st["score_problems"] = problems
+    chosen = parsing.select_question(candidates, cfg["seed"], doc_id)
+    if not chosen.ok:
+        return st, f"selection_{chosen.reason}" if not problems else f"selection_{chosen.reason} ({problems[0]})"
+    pick = candidates[chosen.value]
+    st["question"], st["scores"] = pick["question"], pick["scores"]
+    st["kind"] = parsing.split_kind(pick["scores"], cfg["selection"]["complex_threshold"])
+    return st, None
+
+
+def _build_common(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.answer_common(st["text"], st["question"], style) for style in STYLES]
+
+
+def _apply_common(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    answers = [parsing.parse_answer(r["text"]) for r in resp]
+    st["answers"] = [a.value for a in answers]
+    if not any(a.ok for a in answers):
+        return st, f"answer_{answers[0].reason}"
+    return st, None
+
+
+def _needs_judge(st: dict) -> bool:
+    return all(a is not None for a in st.get("answers", []))
+
+
+def _build_judge(st: dict, cfg: dict) -> list[list[dict]]:
+    if not _needs_judge(st):  # one answer failed: the other one is the answer, no judge call
+        return []
+    return [prompts.judge_answers(st["question"], st["answers"][0], st["answers"][1])]
+
+
+def _apply_judge(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    if not resp:
+        st["answer"] = next(a for a in st["answers"] if a is not None)
+        st["judge"] = "single"
+        return st, None
+    got = parsing.parse_judge(resp[0]["text"])
+    if not got.ok:
+        return st, f"judge_{got.reason}"
+    st["judge"] = got.value
+    st["answer"] = st["answers"][0 if got.value == "A" else 1]
+    return st, None
+
+
+def _build_complex(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.answer_complex(st["text"], st["question"])]
+
+
+def _apply_complex(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    got = parsing.parse_reasoning(resp[0]["text"])
+    if not got.ok:
+        return st, f"reasoning_{got.reason}"
+    thought, summary = got.value
+    st["answer"] = parsing.format_reasoning(thought, summary)
+    return st, None
+
+
+def _dialogue(st: dict) -> list[dict]:
+    return [{"role": "user", "content": st["question"]}, {"role": "assistant", "content": st["answer"]}] + \
+        st.get("follow_ups", [])
+
+
+def _persona(cfg: dict, turn: int) -> str:
+    personas = cfg["dialogue"]["personas"]
+    return personas[turn % len(personas)]
+
+
+def _build_follow_q(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.follow_up_question(_dialogue(st), _persona(cfg, len(st.get("follow_ups", [])) // 2),
+                                       text=st["text"])]
+
+
+def _apply_follow_q(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    got = parsing.parse_answer(resp[0]["text"])
+    if got.ok:
+        st["pending_follow_up"] = got.value
+    else:  # the dialogue stays valid without this turn; record why it is shorter
+        st.setdefault("follow_up_problems", []).append(f"follow_up_question_{got.reason}")
+        st["follow_up_done"] = True
+    return st, None
+
+
+def _build_follow_a(st: dict, cfg: dict) -> list[list[dict]]:
+    dialogue = _dialogue(st) + [{"role": "user", "content": st["pending_follow_up"]}]
+    return [prompts.follow_up_answer(dialogue, st["text"])]
+
+
+def _apply_follow_a(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    question = st.pop("pending_follow_up")
+    got = parsing.parse_answer(resp[0]["text"])
+    if got.ok:
+        st.setdefault("follow_ups", []).extend(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": got.value}])
+    else:
+        st.setdefault("follow_up_problems", []).append(f"follow_up_answer_{got.reason}")
+        st["follow_up_done"] = True
+    return st, None
+
+
+def _build_direct(st: dict, cfg: dict) -> list[list[dict]]:
+    return [prompts.direct_answer(st["question"])]
+
+
+def _apply_direct(st: dict, resp: list[dict], cfg: dict, doc_id: str):
+    got = parsing.parse_answer(resp[0]["text"])
+    if got.ok:
+        st["direct_answer"] = got.value
+    else:  # the SFT/reasoning rows stay; only the DPO pair is missing
+        st["dpo_problem"] = f"direct_answer_{got.reason}"
+    return st, None
+
+
+STEPS: dict[str, tuple[str, Callable, Callable]] = {
+    # name: (teacher step in config, build, apply)
+    "classify_primary": ("classify_primary", _build_primary, _apply_primary),
+    "classify_secondary": ("classify_secondary", _build_secondary, _apply_secondary),
+    "generate_questions": ("generate_questions", _build_questions, _apply_questions),
+    "score_questions": ("score_questions", _build_scores, _apply_scores),
+    "answer_common": ("answer_common", _build_common, _apply_common),
+    "judge": ("judge", _build_judge, _apply_judge),
+    "answer_complex": ("answer_complex", _build_complex, _apply_complex),
+    "follow_up_question": ("follow_up", _build_follow_q, _apply_follow_q),
+    "follow_up_answer": ("follow_up", _build_follow_a, _apply_follow_a),
+    "direct_answer": ("direct_answer", _build_direct, _apply_direct),
+}
+PROMPT_VERSION_OF = {
+    "classify_primary": "classify_primary", "classify_secondary": "classify_secondary",
+    "generate_questions": "generate_questions", "score_questions": "score_question",
+    "answer_common": "answer_common", "judge": "judge_answers", "answer_complex": "answer_complex",
+    "follow_up_question": "follow_up_question", "follow_up_answer": "follow_up_answer",
+    "direct_answer": "direct_answer",
+}
+
+_TAXONOMIES: dict[str, Any] = {}
+
+
+def _taxonomy(cfg: dict):
+    from finemed_ray.synth.taxonomy import DEFAULT_TAXONOMY, Taxonomy
+
+    departments = cfg["taxonomy"]["departments"]
+    if departments is None:
+        return DEFAULT_TAXONOMY
+    key = json.dumps(departments, sort_keys=True)
+    if key not in _TAXONOMIES:  # built once per worker process
+        _TAXONOMIES[key] = Taxonomy.from_dict({"departments": departments})
+    return _TAXONOMIES[key]
+
+
+def _short(text: str | None, limit: int = 60) -> str:
+    if text is None:
+        return "<no output>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --------------------------------------------------------------------------------- Ray Data plumbing per step
+def make_requests(row: dict, step: str, cfg: dict, teacher_identity: str) -> list[dict]:
+    st = json.loads(row["state"])
+    version = prompts.PROMPT_VERSIONS[PROMPT_VERSION_OF[step]]
+    out = []
+    for sub, messages in enumerate(STEPS[step][1](st, cfg)):
+        out.append({**row, "sub": sub, "messages": messages,
+                    "key": request_key(step, version, teacher_identity, messages)})
+    return out
+
+
+def apply_group(group: pa.Table, step: str, cfg: dict) -> pa.Table:
+    rows = sorted(group.to_pylist(), key=lambda r: r["sub"])
+    first = rows[0]
+    st = json.loads(first["state"])
+    responses = [{"text": r["text"] if not r["error"] else None, "error": r["error"]} for r in rows]
+    if all(r["error"] for r in rows):
+        # The teacher failed this document's every request (after retries): drop it with the error, keep going.
+        st.update(dropped_at=step, reason=f"teacher_error: {rows[0]['error']}")
+        return pa.Table.from_pylist([_doc(first["doc_id"], DROPPED, first["kind"], st)], schema=DOC_SCHEMA)
+    st, reason = STEPS[step][2](st, responses, cfg, first["doc_id"])
+    if reason:
+        st.update(dropped_at=step, reason=reason, raw=[r["text"] for r in rows])
+        return pa.Table.from_pylist([_doc(first["doc_id"], DROPPED, first["kind"], st)], schema=DOC_SCHEMA)
+    return pa.Table.from_pylist([_doc(first["doc_id"], ACTIVE, st.get("kind", first["kind"]) or "", st)],
+                                schema=DOC_SCHEMA)
+
+
+def apply_no_request(batch: pa.Table, step: str, cfg: dict) -> pa.Table:
+    """Documents a step applies to but which need no teacher call (e.g. no judge when one answer failed)."""
+    out = []
+    for row in batch.to_pylist():
+        st, reason = STEPS[step][2](json.loads(row["state"]), [], cfg, row["doc_id"])
+        status = DROPPED if reason else ACTIVE
+        if reason:
+            st.update(dropped_at=step, reason=reason)
+        out.append(_doc(row["doc_id"], status, st.get("kind", row["kind"]) or "", st))
+    return pa.Table.from_pylist(out, schema=DOC_SCHEMA)
+
+
+def _needs_requests(batch: pa.Table, step: str, cfg: dict) -> pa.Table:
+    flags = [bool(STEPS[step][1](json.loads(s), cfg)) for s in batch.column("state").to_pylist()]
+    return batch.append_column("needs", pa.array(flags, pa.bool_()))
+
+
+# ------------------------------------------------------------------------------------------------ the job
+class SynthesisPipeline:
+    def __init__(self, cfg: SynthJobConfig):
+        self.cfg = cfg
+        self.cfg_dict = cfg.model_dump(mode="json")
+        self.out = cfg.output.path
+        self.cache_root = storage.join(self.out, "cache")
+        self.stats: list[StepStats] = []
+        self.teachers: dict[str, Any] = {}
+        self.t0 = time.time()
+
+    def teacher(self, step: str):
+        from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+
+        name, tc = self.cfg.teachers.for_step(STEPS[step][0])
+        if name not in self.teachers:
+            self.teachers[name] = make_teacher(TeacherSpec(**tc.model_dump()))
+        return name, self.teachers[name]
+
+    def read(self):
+        import ray.data
+
+        from finemed_ray.data.sft_prepare import input_files
+
+        files, fmt = input_files(self.cfg.input.path)
+        fs, _ = storage.get_filesystem(files[0])
+        paths = [storage.get_filesystem(f)[1] for f in files]
+        if fmt == "jsonl":
+            ds = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
+        else:
+            ds = ray.data.read_parquet(paths, filesystem=fs)
+        if self.cfg.input.limit:
+            ds = ds.limit(self.cfg.input.limit)
+        i = self.cfg.input
+        docs = ds.map_batches(seed_batch, batch_format="pyarrow", fn_kwargs=dict(
+            fmt=fmt, text_field=i.text_field, max_tokens=i.max_tokens, overlong=i.overlong,
+            tokenizer_path=i.tokenizer, source_uri=self.cfg.input.path)).materialize()
+        if docs.count() == 0:
+            raise DataError(f"{self.cfg.input.path}: the seed corpus is empty")
+        # Same text twice would mean the same teacher requests twice: keep one, drop the copies with a reason.
+        keyed = docs.map_batches(_add_text_hash, batch_format="pyarrow")
+        return keyed.groupby("text_hash", num_partitions=_partitions(docs.count())).map_groups(
+            _dedupe_keyed, batch_format="pyarrow").materialize()
+
+    def step(self, docs, step: str, kinds: tuple[str, ...] | None = None, extra_filter: str | None = None):
+        from ray.data.expressions import col
+
+        cond = col("status") == ACTIVE
+        if kinds:
+            cond = cond & col("kind").is_in(list(kinds))
+        selected = docs.filter(expr=cond)
+        others = docs.filter(expr=~cond)
+        if extra_filter:
+            flagged = selected.map_batches(_flag_filter, batch_format="pyarrow", fn_kwargs={"flag": extra_filter})
+            others = others.union(flagged.filter(expr=~col("keep")).drop_columns(["keep"]))
+            selected = flagged.filter(expr=col("keep")).drop_columns(["keep"])
+        flagged = selected.map_batches(_needs_requests, batch_format="pyarrow",
+                                       fn_kwargs={"step": step, "cfg": self.cfg_dict}).materialize()
+        direct = flagged.filter(expr=~col("needs")).drop_columns(["needs"])
+        todo = flagged.filter(expr=col("needs")).drop_columns(["needs"])
+        name, teacher = self.teacher(step)
+        stats = StepStats(step=step, teacher=name)
+        t0 = time.time()
+        requests = todo.flat_map(make_requests, fn_kwargs={"step": step, "cfg": self.cfg_dict,
+                                                           "teacher_identity": teacher.identity})
+        answered = run_cached_step(requests, step, teacher, storage.join(self.cache_root, step), stats)
+        parts = [others]
+        if stats.requests:
+            parts.append(answered.groupby("doc_id", num_partitions=_partitions(stats.requests)).map_groups(
+                apply_group, batch_format="pyarrow", fn_kwargs={"step": step, "cfg": self.cfg_dict}))
+        parts.append(direct.map_batches(apply_no_request, batch_format="pyarrow",
+                                        fn_kwargs={"step": step, "cfg": self.cfg_dict}))
+        out = parts[0].union(*parts[1:]).materialize()
+        stats.seconds = round(time.time() - t0, 3)
+        self.stats.append(stats)
+        log.info("step %s: %s", step, json.dumps(stats.to_dict()))
+        return out
+
+    def run(self) -> dict[str, Any]:
+        docs = self.read()
+        docs = self.step(docs, "classify_primary")
+        docs = self.step(docs, "classify_secondary")
+        docs = self.step(docs, "generate_questions")
+        docs = self.step(docs, "score_questions")
+        docs = self.step(docs, "answer_common", kinds=("common",))
+        if self.cfg.answers.judge == "reward_model":
+            docs = self.reward_model_judge(docs)
+        else:
+            docs = self.step(docs, "judge", kinds=("common",))
+        docs = self.step(docs, "answer_complex", kinds=("complex",))
+        for _ in range(self.cfg.dialogue.follow_up_turns):
+            docs = self.step(docs, "follow_up_question", kinds=("common", "complex"), extra_filter="follow_up_open")
+            docs = self.step(docs, "follow_up_answer", kinds=("common", "complex"), extra_filter="pending_follow_up")
+        docs = self.step(docs, "direct_answer", kinds=("complex",))
+        docs = self.decontaminate(docs)
+        return self.write(docs)
+
+    def reward_model_judge(self, docs):
+        """Pick between the two common answers with a reward model (higher score wins) instead of a teacher."""
+        from ray.data.expressions import col
+
+        cond = (col("status") == ACTIVE) & (col("kind") == "common")
+        judged = docs.filter(expr=cond).map_batches(
+            RewardModelJudge, batch_format="pyarrow", concurrency=1, batch_size=16,
+            fn_constructor_kwargs={"model_path": self.cfg.answers.reward_model})
+        out = docs.filter(expr=~cond).union(judged).materialize()
+        self.stats.append(StepStats(step="judge", teacher=f"reward_model:{self.cfg.answers.reward_model}"))
+        return out
+
+    def decontaminate(self, docs):
+        bench = self.cfg.decontamination.benchmarks
+        if not bench:
+            return docs
+        from finemed_ray.synth.decontam import Decontaminator
+
+        index = Decontaminator.from_files(bench, n=self.cfg.decontamination.ngram)
+        return docs.map_batches(_decontam_batch, batch_format="pyarrow", fn_kwargs={"index": index}).materialize()
+
+    def write(self, docs) -> dict[str, Any]:
+        outputs = {}
+        for name, builder in (("sft", _sft_rows), ("reasoning", _reasoning_rows), ("dpo", _dpo_rows),
+                              ("quarantine", _quarantine_rows)):
+            uri = storage.join(self.out, name)
+            storage.delete(uri)  # a rerun rewrites outputs from the cache: never a mix of old and new files
+            rows = docs.map_batches(builder, batch_format="pyarrow", fn_kwargs={"cfg": self.cfg_dict}).materialize()
+            n = rows.count()
+            outputs[name] = {"uri": uri, "rows": n}
+            if n:
+                fs, path = storage.get_filesystem(uri)
+                kwargs = {"partition_cols": ["part_department", "part_subdepartment"]} if name == "sft" else {}
+                rows.write_parquet(path, filesystem=fs, **kwargs)
+        manifest = self.manifest(docs, outputs)
+        storage.write_json(storage.join(self.out, "manifest.json"), manifest)
+        return manifest
+
+    def manifest(self, docs, outputs) -> dict[str, Any]:
+        drops: dict[str, dict[str, int]] = {}
+        kinds: dict[str, int] = {}
+        n_docs = 0
+        for batch in docs.iter_batches(batch_format="pyarrow", batch_size=4096):
+            for row in batch.to_pylist():
+                n_docs += 1
+                st = json.loads(row["state"])
+                if row["status"] == DROPPED:
+                    where = st.get("dropped_at", "?")
+                    kind = parsing.reason_kind(st.get("reason")) or "?"
+                    drops.setdefault(where, {})
+                    drops[where][kind] = drops[where].get(kind, 0) + 1
+                else:
+                    kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
+        order = ["read", "dedupe"] + [s.step for s in self.stats] + ["decontaminate"]
+        steps, remaining = [], n_docs
+        for where in dict.fromkeys(order):
+            dropped = sum(drops.get(where, {}).values())
+            entry = {"step": where, "docs_in": remaining, "dropped": dropped, "reasons": drops.get(where, {})}
+            remaining -= dropped
+            entry["docs_out"] = remaining
+            stat = next((s for s in self.stats if s.step == where), None)
+            if stat:
+                entry["teacher"] = stat.to_dict()
+            steps.append(entry)
+        return {"job": self.cfg.name, "input": self.cfg.input.path, "docs": n_docs, "kept_by_kind": kinds,
+                "steps": steps, "outputs": outputs, "teacher_calls": sum(s.teacher_calls for s in self.stats),
+                "cache_hits": sum(s.cache_hits for s in self.stats),
+                "prompt_tokens": sum(s.prompt_tokens for s in self.stats),
+                "completion_tokens": sum(s.completion_tokens for s in self.stats),
+                "seconds": round(time.time() - self.t0, 3), "config": self.cfg_dict}
+
+
+class RewardModelJudge:
+    """Scores (question, answer) with a sequence-classification reward model rendered through its chat template."""
+
+    def __init__(self, model_path: str):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from finemed_ray.models.loading import load_tokenizer, resolve_model_path
+
+        local = resolve_model_path(model_path)
+        self.tokenizer = load_tokenizer(local)
+        self.model = AutoModelForSequenceClassification.from_pretrained(local, dtype=torch.float32).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def score(self, question: str, answer: str) -> float:
+        import torch
+
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            return float(self.model(input_ids=ids["input_ids"]).logits[0, 0])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for row in batch.to_pylist():
+            st = json.loads(row["state"])
+            answers = st.get("answers", [])
+            if all(a is not None for a in answers):
+                scores = [self.score(st["question"], a) for a in answers]
+                st["judge"] = "A" if scores[0] >= scores[1] else "B"
+                st["judge_scores"] = scores
+                st["answer"] = answers[0 if st["judge"] == "A" else 1]
+            else:
+                st["judge"], st["answer"] = "single", next(a for a in answers if a is not None)
+            out.append(_doc(row["doc_id"], ACTIVE, row["kind"], st))
+        return pa.Table.from_pylist(out, schema=DOC_SCHEMA)
+
+
+def _partitions(rows: int) -> int:
+    # Ray's default of 200 shuffle partitions costs minutes on small inputs; ~2k rows per partition, at most 64.
+    return max(1, min(64, rows // 2048 + 1))
+
+
+def _add_text_hash(batch: pa.Table) -> pa.Table:
+    hashes = []
+    for row in batch.to_pylist():
+        st = json.loads(row["state"])
+        hashes.append(st.get("text_hash") or "dropped-" + row["doc_id"])  # dropped rows never collide
+    return batch.append_column("text_hash", pa.array(hashes, pa.string()))
+
+
+def _dedupe_keyed(group: pa.Table) -> pa.Table:
+    return dedupe_group(group.drop_columns(["text_hash"]))
+
+
+def _flag_filter(batch: pa.Table, flag: str) -> pa.Table:
+    keep = []
+    for s in batch.column("state").to_pylist():
+        st = json.loads(s)
+        keep.append(not st.get("follow_up_done") if flag == "follow_up_open" else flag in st)
+    return batch.append_column("keep", pa.array(keep, pa.bool_()))
+
+
+def _decontam_batch(batch: pa.Table, index: Any) -> pa.Table:
+    out = []
+    for row in batch.to_pylist():
+        if row["status"] == ACTIVE:
+            st = json.loads(row["state"])
+            texts = [st.get("question", ""), st.get("answer", ""), st.get("direct_answer", "")] + \
+                [m["content"] for m in st.get("follow_ups", [])]
+            reason = index.check_all([t for t in texts if t])
+            if reason:
+                st.update(dropped_at="decontaminate", reason=reason, raw=st.get("question"))
+                row = _doc(row["doc_id"], DROPPED, row["kind"], st)
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=DOC_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+SYSTEM_PROMPT = "You are a helpful professional doctor."
+
+
+def _safe_part(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_") or "none"
+
+
+def _sft_rows(batch: pa.Table, cfg: dict) -> pa.Table:
+    rows = []
+    for row in batch.to_pylist():
+        if row["status"] != ACTIVE or row["kind"] != "common":
+            continue
+        st = json.loads(row["state"])
+        rows.append({"id": row["doc_id"], "messages": _dialogue(st), "department": st["department"],
+                     "subdepartment": st["subdepartment"], "source": st["source"],
+                     "part_department": _safe_part(st["department"]),
+                     "part_subdepartment": _safe_part(st["subdepartment"])})
+    return _table(rows, with_parts=True)
+
+
+def _reasoning_rows(batch: pa.Table, cfg: dict) -> pa.Table:
+    rows = []
+    for row in batch.to_pylist():
+        if row["status"] != ACTIVE or row["kind"] != "complex":
+            continue
+        st = json.loads(row["state"])
+        rows.append({"id": row["doc_id"], "messages": _dialogue(st), "department": st["department"],
+                     "subdepartment": st["subdepartment"], "source": st["source"]})
+    return _table(rows)
+
+
+def _dpo_rows(batch: pa.Table, cfg: dict) -> pa.Table:
+    from finemed_ray.schemas import DPO_SCHEMA
+
+    rows = []
+    for row in batch.to_pylist():
+        if row["status"] != ACTIVE or row["kind"] != "complex":
+            continue
+        st = json.loads(row["state"])
+        if not st.get("direct_answer") or st["direct_answer"].strip() == st["answer"].strip():
+            continue
+        rows.append({"id": row["doc_id"], "prompt": prompts.dpo_prompt(st["question"]),
+                     "chosen": [{"role": "assistant", "content": st["answer"]}],
+                     "rejected": [{"role": "assistant", "content": st["direct_answer"]}],
+                     "department": st["department"], "subdepartment": st["subdepartment"], "source": st["source"]})
+    return pa.Table.from_pylist(rows, schema=DPO_SCHEMA)
+
+
+def _quarantine_rows(batch: pa.Table, cfg: dict) -> pa.Table:
+    from finemed_ray.schemas import QUARANTINE_SCHEMA
+
+    rows = []
+    for row in batch.to_pylist():
+        if row["status"] != DROPPED:
+            continue
+        st = json.loads(row["state"])
+        raw = st.get("raw")
+        rows.append({"dataset": f"synthesis:{st.get('dropped_at')}:{row['doc_id']}", "reason": st.get("reason"),
+                     "raw": raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)})
+    return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+
+
+def _table(rows: list[dict], with_parts: bool = False) -> pa.Table:
+    from finemed_ray.schemas import SFT_SCHEMA
+
+    schema = SFT_SCHEMA
+    if with_parts:
+        schema = schema.append(pa.field("part_department", pa.string())).append(
+            pa.field("part_subdepartment", pa.string()))
+    return pa.Table.from_pylist(rows, schema=schema)
