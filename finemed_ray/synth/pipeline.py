@@ -403,8 +403,8 @@ class SynthesisPipeline:
             raise DataError(f"{self.cfg.input.path}: the seed corpus is empty")
         # Same text twice would mean the same teacher requests twice: keep one, drop the copies with a reason.
         keyed = docs.map_batches(_add_text_hash, batch_format="pyarrow")
-        return keyed.groupby("text_hash", num_partitions=_partitions(docs.count())).map_groups(
-            _dedupe_keyed, batch_format="pyarrow").materialize()
+        return _fresh(keyed.groupby("text_hash", num_partitions=_partitions(docs.count())).map_groups(
+            _dedupe_keyed, batch_format="pyarrow"))
 
     def step(self, docs, step: str, kinds: tuple[str, ...] | None = None, extra_filter: str | None = None):
         from ray.data.expressions import col
@@ -434,7 +434,7 @@ class SynthesisPipeline:
                 apply_group, batch_format="pyarrow", fn_kwargs={"step": step, "cfg": self.cfg_dict}))
         parts.append(direct.map_batches(apply_no_request, batch_format="pyarrow",
                                         fn_kwargs={"step": step, "cfg": self.cfg_dict}))
-        out = parts[0].union(*parts[1:]).materialize()
+        out = _fresh(parts[0].union(*parts[1:]))
         stats.seconds = round(time.time() - t0, 3)
         self.stats.append(stats)
         log.info("step %s: %s", step, json.dumps(stats.to_dict()))
@@ -478,7 +478,7 @@ class SynthesisPipeline:
         from finemed_ray.synth.decontam import Decontaminator
 
         index = Decontaminator.from_files(bench, n=self.cfg.decontamination.ngram)
-        return docs.map_batches(_decontam_batch, batch_format="pyarrow", fn_kwargs={"index": index}).materialize()
+        return _fresh(docs.map_batches(_decontam_batch, batch_format="pyarrow", fn_kwargs={"index": index}))
 
     def write(self, docs) -> dict[str, Any]:
         outputs = {}
@@ -569,6 +569,15 @@ class RewardModelJudge:
                 st["judge"], st["answer"] = "single", next(a for a in answers if a is not None)
             out.append(_doc(row["doc_id"], ACTIVE, row["kind"], st))
         return pa.Table.from_pylist(out, schema=DOC_SCHEMA)
+
+
+def _fresh(ds):
+    """Materialise ``ds`` and start a new lineage from its blocks. Each step unions datasets derived from the
+    previous step's; without this, Ray Data's per-execution stats summary walks the whole (exponentially
+    duplicated) history of every earlier step and soon costs minutes of driver CPU per step."""
+    import ray.data
+
+    return ray.data.from_arrow_refs(ds.materialize().to_arrow_refs())
 
 
 def _partitions(rows: int) -> int:
