@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from finemed_ray import storage
-from finemed_ray.data.sft_prepare import RowSelection, _cached_tokenizer, _reason_kind, _row_id, input_files
+from finemed_ray.data.sft_prepare import RowSelection, _cached_tokenizer, _reason_kind, _row_id, read_input
 from finemed_ray.data.tokenize import TemplateError, with_system_prompt
 from finemed_ray.errors import ConfigError, DataError
 from finemed_ray.schemas import QUARANTINE_SCHEMA, parse_jsonl_line, to_raw, validate_dpo_row
@@ -253,13 +253,7 @@ def prepare_dpo(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
 
     _check_limits(max_length, max_prompt_length, overlong)
     t0 = time.time()
-    files, fmt = input_files(input_uri)
-    fs, _ = storage.get_filesystem(files[0])
-    paths = [storage.get_filesystem(f)[1] for f in files]
-    if fmt == "jsonl":
-        ds = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
-    else:
-        ds = ray.data.read_parquet(paths, filesystem=fs)
+    files, fmt, ds = read_input(input_uri)
 
     prepared_uri = storage.join(out_uri, "prepared")
     quarantine_uri = storage.join(out_uri, "quarantine")

@@ -79,6 +79,18 @@ def input_files(uri: str) -> tuple[list[str], str]:
     return files, kinds.pop()
 
 
+def read_input(uri: str):
+    """``(files, fmt, dataset)``: the JSONL lines (one ``text`` column) or Parquet rows under ``uri``, lazily."""
+    import ray.data
+
+    files, fmt = input_files(uri)
+    fs, _ = storage.get_filesystem(files[0])
+    paths = [storage.get_filesystem(f)[1] for f in files]
+    if fmt == "jsonl":
+        return files, fmt, ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
+    return files, fmt, ray.data.read_parquet(paths, filesystem=fs)
+
+
 def _row_id(raw: str) -> str:
     # Stable across runs and workers: the same row always gets the same id (used to track samples seen).
     return "h" + hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -177,13 +189,7 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     from ray.data.expressions import col
 
     t0 = time.time()
-    files, fmt = input_files(input_uri)
-    fs, _ = storage.get_filesystem(files[0])
-    paths = [storage.get_filesystem(f)[1] for f in files]
-    if fmt == "jsonl":
-        ds = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
-    else:
-        ds = ray.data.read_parquet(paths, filesystem=fs)
+    files, fmt, ds = read_input(input_uri)
 
     prepared_uri = storage.join(out_uri, "prepared")
     quarantine_uri = storage.join(out_uri, "quarantine")

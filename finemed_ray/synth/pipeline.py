@@ -382,17 +382,9 @@ class SynthesisPipeline:
         return name, self.teachers[name]
 
     def read(self):
-        import ray.data
+        from finemed_ray.data.sft_prepare import read_input
 
-        from finemed_ray.data.sft_prepare import input_files
-
-        files, fmt = input_files(self.cfg.input.path)
-        fs, _ = storage.get_filesystem(files[0])
-        paths = [storage.get_filesystem(f)[1] for f in files]
-        if fmt == "jsonl":
-            ds = ray.data.read_text(paths, filesystem=fs, drop_empty_lines=True)
-        else:
-            ds = ray.data.read_parquet(paths, filesystem=fs)
+        files, fmt, ds = read_input(self.cfg.input.path)
         if self.cfg.input.limit:
             ds = ds.limit(self.cfg.input.limit)
         i = self.cfg.input
