@@ -90,6 +90,8 @@ def host_info() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ monitor
 WORKER_TITLE = "ray::RayTrainWorker"
+ENV_KEYS_OF_INTEREST = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
+                        "MALLOC_TRIM_THRESHOLD_")
 _STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 
 
@@ -195,7 +197,7 @@ class Monitor:
                 if not st:
                     continue
                 w = self.workers.setdefault(pid, {"pid": pid, "peak_rss_sampled_kib": 0, "samples": 0,
-                                                  "env": _proc_env(pid, ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))})
+                                                  "env": _proc_env(pid, ENV_KEYS_OF_INTEREST)})
                 w["samples"] += 1
                 w["title_last"] = cmd[:80]
                 w["vm_hwm_kib"] = max(w.get("vm_hwm_kib", 0), st.get("VmHWM", 0))

@@ -135,6 +135,7 @@ def main() -> int:
                 per_worker.append({
                     "pid": w["pid"],
                     "samples": w["samples"],
+                    "env_seen_in_proc": w.get("env", {}),
                     "vm_hwm_mib": round(w.get("vm_hwm_kib", 0) / 1024, 1),
                     "peak_rss_sampled_mib": round(w["peak_rss_sampled_kib"] / 1024, 1),
                     "at_sampled_peak_mib": {k: round((v or 0) / 1024, 1) for k, v in w.get("at_peak", {}).items()},
