@@ -152,7 +152,8 @@ def manifest(request) -> dict:
 # ------------------------------------------------------------------------------------------- schema validation
 
 def test_manifests_present():
-    assert {p.name for p in MANIFESTS} >= {"rayjob-sft.yaml", "rayjob-sft-cpu.yaml"}
+    assert {p.name for p in MANIFESTS} >= {"rayjob-sft.yaml", "rayjob-sft-cpu.yaml", "rayjob-synthesize.yaml",
+                                          "rayjob-synthesize-vllm.yaml"}
 
 
 @needs_crd
@@ -236,9 +237,30 @@ def test_entrypoint_is_one_plain_command(manifest):
     assert not re.search(r"[;&|$<>`'\"\\\n]", ep), f"entrypoint has shell syntax: {ep!r}"
 
 
-def test_cluster_fits_the_training_job(manifest):
+def gpus_needed(cfg) -> tuple[bool, int, float]:
+    """(uses GPUs, GPUs the job needs at once, CPUs it needs next to them) for a training or synthesis config."""
+    from finemed_ray.synth.config import SynthJobConfig
+
+    if isinstance(cfg, SynthJobConfig):
+        from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+
+        # Steps run one after another and each releases its engines: the largest step's engines must fit.
+        need = 0
+        for tc in cfg.teachers.models.values():
+            teacher = make_teacher(TeacherSpec(**tc.model_dump()))
+            if tc.backend == "vllm" and teacher.options.device == "gpu":
+                kw = teacher.options.engine_kwargs
+                need = max(need, tc.concurrency * kw.get("tensor_parallel_size", 1) * kw.get("pipeline_parallel_size", 1))
+            elif tc.backend == "vllm":
+                assert teacher.options.device != "auto", "a manifest must say where vLLM runs (extra.device)"
+        return need > 0, need, 1.0  # Ray Data's read/map tasks next to the engines
+    return cfg.scaling.use_gpu, cfg.scaling.num_workers, cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+
+
+def test_cluster_fits_the_job(manifest):
     spec = manifest["spec"]
     cfg = job_config(spec)
+    use_gpu, gpus_wanted, cpus_wanted = gpus_needed(cfg)
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"].get("num-cpus") == "0", "the head must not take training or data tasks"
@@ -253,20 +275,25 @@ def test_cluster_fits_the_training_job(manifest):
         gpus, cpus = quantity(lim.get(GPU, 0)), quantity(lim["cpu"])
         total_gpus += group["replicas"] * gpus
         total_cpus += group["replicas"] * cpus
-        if cfg.scaling.use_gpu and gpus:
+        if use_gpu and gpus and hasattr(cfg, "scaling"):
             # Ray Train puts one worker per GPU; each reserves cpus_per_worker on the same node
             assert gpus * cfg.scaling.cpus_per_worker < cpus, f"{group['groupName']}: too few CPUs for {gpus:g} GPUs"
-    if cfg.scaling.use_gpu:
-        assert cfg.scaling.num_workers == total_gpus, (
-            f"scaling.num_workers={cfg.scaling.num_workers} but the worker groups have {total_gpus:g} GPUs")
+    if use_gpu:
+        if hasattr(cfg, "scaling"):
+            assert gpus_wanted == total_gpus, (
+                f"scaling.num_workers={cfg.scaling.num_workers} but the worker groups have {total_gpus:g} GPUs")
+        else:  # synthesis: every step's vLLM replicas must fit at once (else ray.data.llm waits forever)
+            assert gpus_wanted <= total_gpus, f"the teachers need {gpus_wanted} GPUs, the cluster has {total_gpus:g}"
     else:
         assert total_gpus == 0, "a CPU job should not hold GPUs"
-        # leave at least one CPU for Ray Data next to the Ray Train workers
-        assert cfg.scaling.num_workers * cfg.scaling.cpus_per_worker < total_cpus
+    # leave at least one CPU for Ray Data next to the Ray Train workers / engines
+    assert cpus_wanted < total_cpus
 
 
 def test_cpu_manifests_use_the_cpu_accelerator(manifest):
     cfg = job_config(manifest["spec"])
+    if not hasattr(cfg, "scaling"):
+        return  # DeepSpeed is a training concern only
     for role, container in ray_containers(manifest["spec"]).items():
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         if cfg.scaling.use_gpu:
