@@ -6,7 +6,6 @@ and which counts the requests it receives (to prove that a resumed run repeats n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from finemed_ray.errors import FinemedError
 from finemed_ray.schemas import validate_dpo_row, validate_sft_row
 from finemed_ray.synth.config import SynthJobConfig
 from finemed_ray.synth.pipeline import SynthesisPipeline
+from finemed_ray.synth.scripted_teacher import pipeline_reply
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "data" / "benchmarks"
@@ -35,10 +35,6 @@ pytestmark = [
 ]
 
 
-def _h(s: str) -> int:
-    return int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
-
-
 def _planted_texts() -> set[str]:
     return {" ".join(json.loads(l)["question"].split()) for l in MEDQA.read_text().splitlines()[:2]} \
         if MEDQA.is_file() else set()
@@ -48,42 +44,7 @@ PLANTED = _planted_texts()
 
 
 def scripted_reply(messages: list[dict]) -> str:
-    """Deterministic teacher behaviour per prompt type (recognised by its wording in finemed_ray/synth/prompts.py).
-    Planted benchmark texts always get well-formed replies, so they reach the decontamination step."""
-    user = messages[-1]["content"]
-    text = user.split("<text>")[-1].split("</text>")[0].strip() if "<text>" in user else user
-    words = text.split()
-    planted = text in PLANTED
-    if "primary clinical department" in user:
-        if "chorioamnionitis" in text:
-            return "Obstetrics and Gynecology."  # normalises to the label
-        return "Internal Medicine" if planted or _h(text) % 5 else "Cardiology clinic"  # not a primary label
-    if "sub-departments" in user:
-        if '"Obstetrics' in user:
-            return "Obstetrics"
-        return "Endocrinology"
-    if "different questions" in user:
-        if _h(text) % 7 == 0 and not planted:
-            return "Sure! Here are the questions: {questions: [oops"  # malformed JSON
-        return json.dumps({"questions": [
-            f"What does the evidence say about {' '.join(words[3:10])}?",
-            f"How should clinicians manage {' '.join(words[10:16])} in practice?"]})
-    if "mentions_specific_details" in user or "complexity" in user:
-        q = user.split("<question>")[-1].split("</question>")[0] if "<question>" in user else user
-        h = _h(q)
-        return json.dumps({"quality": 5 + h % 5, "complexity": 4 + h % 7, "relevance": 1 + h % 6,
-                           "mentions_specific_details": h % 11 == 0 and not planted})
-    if "follow-up question" in user:
-        return "What should I watch out for next?"
-    if "Write the doctor's answer" in user:
-        return f"In practice, watch for {' '.join(words[:6])}."
-    if "Summarization" in user and "Thought" in user:
-        return f"## Thought\nStep 1: recall {' '.join(words[:30])}.\nStep 2: weigh it.\n## Summarization\nIn short: {' '.join(words[:12])}."
-    if "<answer_A>" in user:
-        return json.dumps({"choice": "B"})
-    if "short, direct answer" in user:
-        return f"Briefly: {' '.join(words[:8])}."
-    return f"In practice, {' '.join(words[:30])}."
+    return pipeline_reply(messages, planted=PLANTED)
 
 
 def seed_rows() -> list[str]:

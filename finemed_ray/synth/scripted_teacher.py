@@ -44,7 +44,7 @@ from typing import Any
 
 ReplyFn = Callable[[list[dict[str, Any]]], str]
 
-__all__ = ["ScriptedError", "ScriptedTeacherServer", "messages_hash", "whitespace_tokens"]
+__all__ = ["ScriptedError", "ScriptedTeacherServer", "messages_hash", "pipeline_reply", "whitespace_tokens"]
 
 
 class ScriptedError(Exception):
@@ -350,3 +350,49 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _fmt_seconds(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _h(s: str) -> int:
+    return int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
+
+
+def pipeline_reply(messages: list[dict[str, Any]], planted: frozenset[str] | set[str] = frozenset()) -> str:
+    """Deterministic teacher behaviour for every prompt of the synthesis pipeline (recognised by its wording in
+    finemed_ray/synth/prompts.py), derived from a hash of the text: about 1 in 5 texts gets a primary label outside
+    the taxonomy, 1 in 7 malformed question JSON, 1 in 11 questions mention source-specific details, and scores
+    spread over the common/complex split. Texts in ``planted`` (benchmark questions planted in a seed corpus)
+    always get well-formed replies, so they reach the decontamination step."""
+    user = messages[-1]["content"]
+    text = user.split("<text>")[-1].split("</text>")[0].strip() if "<text>" in user else user
+    words = text.split()
+    planted = text in planted
+    if "primary clinical department" in user:
+        if "chorioamnionitis" in text:
+            return "Obstetrics and Gynecology."  # normalises to the label
+        return "Internal Medicine" if planted or _h(text) % 5 else "Cardiology clinic"  # not a primary label
+    if "sub-departments" in user:
+        if '"Obstetrics' in user:
+            return "Obstetrics"
+        return "Endocrinology"
+    if "different questions" in user:
+        if _h(text) % 7 == 0 and not planted:
+            return "Sure! Here are the questions: {questions: [oops"  # malformed JSON
+        return json.dumps({"questions": [
+            f"What does the evidence say about {' '.join(words[3:10])}?",
+            f"How should clinicians manage {' '.join(words[10:16])} in practice?"]})
+    if "mentions_specific_details" in user or "complexity" in user:
+        q = user.split("<question>")[-1].split("</question>")[0] if "<question>" in user else user
+        h = _h(q)
+        return json.dumps({"quality": 5 + h % 5, "complexity": 4 + h % 7, "relevance": 1 + h % 6,
+                           "mentions_specific_details": h % 11 == 0 and not planted})
+    if "follow-up question" in user:
+        return "What should I watch out for next?"
+    if "Write the doctor's answer" in user:
+        return f"In practice, watch for {' '.join(words[:6])}."
+    if "Summarization" in user and "Thought" in user:
+        return f"## Thought\nStep 1: recall {' '.join(words[:30])}.\nStep 2: weigh it.\n## Summarization\nIn short: {' '.join(words[:12])}."
+    if "<answer_A>" in user:
+        return json.dumps({"choice": "B"})
+    if "short, direct answer" in user:
+        return f"Briefly: {' '.join(words[:8])}."
+    return f"In practice, {' '.join(words[:30])}."

@@ -654,7 +654,9 @@ class HfTeacher:
             ids.add(int(tokenizer.eos_token_id))
         return ids
 
-    def generate(self, requests: list[dict]) -> list[dict]:
+    def generate(self, requests: list[dict], lora: Any = None) -> list[dict]:
+        """``lora``: an attached-able :class:`finemed_ray.ttt.adapt.BatchedLoRA` over this teacher's model; then a
+        request's ``adapter`` (int, default -1 = none) picks its test-time adapter, per row of a shared batch."""
         if not requests:
             return []
         model, tokenizer = self.load()
@@ -683,15 +685,21 @@ class HfTeacher:
         stop_ids = self._stop_ids(model, tokenizer)
         for start in range(0, len(prompts), self.spec.batch_size):
             chunk = prompts[start : start + self.spec.batch_size]
-            for (i, ids), (text, n_new) in zip(chunk, self._generate_chunk(model, tokenizer, chunk, stop_ids)):
+            adapters = [int(requests[i].get("adapter", -1)) for i, _ in chunk] if lora is not None else None
+            for (i, ids), (text, n_new) in zip(
+                chunk, self._generate_chunk(model, tokenizer, chunk, stop_ids, lora, adapters)
+            ):
                 results[i] = _result(
                     requests[i].get("key"), text=text, prompt_tokens=len(ids), completion_tokens=n_new, attempts=1
                 )
         return results  # type: ignore[return-value]
 
     def _generate_chunk(
-        self, model: Any, tokenizer: Any, chunk: list[tuple[int, list[int]]], stop_ids: set[int]
+        self, model: Any, tokenizer: Any, chunk: list[tuple[int, list[int]]], stop_ids: set[int],
+        lora: Any = None, adapters: list[int] | None = None,
     ) -> list[tuple[str, int]]:
+        import contextlib
+
         import torch
 
         width = max(len(ids) for _, ids in chunk)
@@ -703,7 +711,10 @@ class HfTeacher:
             gen_kwargs.update(do_sample=True, temperature=self.spec.temperature)
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
+        attach = lora.attached() if lora is not None else contextlib.nullcontext()
+        with torch.no_grad(), attach:
+            if lora is not None:
+                lora.row_adapter = torch.tensor(adapters, dtype=torch.long)
             out = model.generate(
                 input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), **gen_kwargs
             )
