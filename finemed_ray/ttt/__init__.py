@@ -1,0 +1,1 @@
+"""Test-time training: retrieval index, per-question adaptation."""

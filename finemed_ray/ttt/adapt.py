@@ -1,0 +1,362 @@
+"""Test-time training: adapt a model briefly to each question's retrieved neighbours, answer, discard the change.
+
+The paper (FineMedLM-o1) deep-copies the model, takes one full-parameter Adam step on the nearest neighbour,
+answers, and restores the copy: twice the memory, one question at a time. Here:
+
+* **No model copy, base weights never written.** :class:`BatchedLoRA` adds LoRA deltas through forward hooks on
+  the target ``nn.Linear`` modules; the base parameters stay frozen (``requires_grad=False`` for the duration)
+  and are never handed to an optimizer. Extra memory is the adapters (``2 r (d_in + d_out)`` floats per target
+  module and question) plus activations.
+* **Many questions in one batch, one adapter each.** The adapters of B questions are stacked (``A: [B, r, in]``,
+  ``B: [B, out, r]``); every training row carries the index of the question it belongs to, and the hook applies
+  row ``i``'s own adapter. One forward/backward over all neighbours of all B questions trains the B adapters
+  at once: the loss is the *sum over questions* of each question's mean token loss, so adapter ``q`` receives
+  exactly the gradient it would get alone (no other row touches its slice), and Adam is element-wise, so the
+  stacked optimizer equals B independent ones. ``tests/test_ttt.py`` checks batched == one-by-one.
+  (peft's ``adapter_names`` mixed batches are inference-only; peft refuses them in training mode.)
+* **Generation and scoring with the adapters** use the same hooks with a per-row adapter index; ``-1`` rows
+  (plain requests) get no delta, so plain and TTT rows can share a batch and plain rows stay bit-exact.
+* **Export.** :meth:`BatchedLoRA.save_peft` writes one question's adapter as a standard peft LoRA directory
+  (``adapter_config.json`` + ``adapter_model.safetensors``), which peft and vLLM's ``LoRARequest`` load.
+* ``method="full"`` (the paper's full-parameter update) is offered for fidelity: it backs up only the
+  parameters it trains and restores them exactly (bit-for-bit ``copy_``), one question at a time.
+
+Initialisation is seeded per question (``seed``, question key), so an adapter does not depend on which other
+questions share its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from finemed_ray.config import StrictModel
+from finemed_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation, with_system_prompt
+from finemed_ray.errors import ConfigError, DataError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TTTConfig(StrictModel):
+    """How each question is adapted (``ttt`` section of the evaluation and serving configs)."""
+
+    k: int = Field(3, ge=1, le=64, description="Neighbours retrieved per question (paper: 1).")
+    steps: int = Field(4, ge=0, le=1000, description="Optimizer steps on the neighbours (paper: 1); 0 = no-op.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (paper: 1e-5 for full-parameter updates).")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: a fresh adapter per question (base untouched); full: the paper's update, restored."
+    )
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r, as peft).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS), min_length=1, description="Linear module names to adapt."
+    )
+    max_length: int = Field(512, ge=8, description="Longest neighbour example in tokens (longer ones are cut).")
+    system_prompt: str | None = Field(
+        "You are a helpful professional doctor.", description="System turn added to neighbour examples (paper's)."
+    )
+    batch_questions: int = Field(8, ge=1, description="Questions adapted together in one batched pass.")
+    seed: int = Field(0, description="Seed of the adapter initialisation (per question).")
+
+
+# ------------------------------------------------------------------------------------------------ examples
+@dataclass
+class Example:
+    """One training conversation for one question's adapter."""
+
+    question: int  # index of the question (adapter slot) in the batch
+    input_ids: list[int]
+    labels: list[int]
+
+
+def neighbour_messages(neighbour: dict[str, Any]) -> list[dict[str, str]]:
+    """A retrieved pool row -> the conversation TTT trains on.
+
+    Accepts ``{"prompt": [messages], "completion": str}`` (the index's layout), ``{"messages": [...]}`` (SFT rows)
+    or DPO rows ``{"prompt": [...], "chosen": [assistant messages]}`` (the paper's pool: prompt + chosen)."""
+    if isinstance(neighbour.get("messages"), list) and neighbour["messages"]:
+        return [dict(m) for m in neighbour["messages"]]
+    prompt = neighbour.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    completion = neighbour.get("completion")
+    if completion is None and isinstance(neighbour.get("chosen"), list):
+        completion = "\n".join(m["content"] for m in neighbour["chosen"] if m.get("role") == "assistant")
+    if isinstance(completion, list):
+        completion = "\n".join(m["content"] for m in completion if m.get("role") == "assistant")
+    if not isinstance(prompt, list) or not prompt or not isinstance(completion, str) or not completion.strip():
+        raise DataError(f"TTT neighbour {neighbour.get('id', '?')!r}: needs prompt + completion, messages, or "
+                        f"prompt + chosen; got keys {sorted(neighbour)}")
+    return [dict(m) for m in prompt] + [{"role": "assistant", "content": completion}]
+
+
+def build_examples(tokenizer: Any, neighbours: Sequence[Sequence[dict]], cfg: TTTConfig) -> list[Example]:
+    """``neighbours[q]`` = the rows retrieved for question q -> tokenised examples (assistant-only labels)."""
+    out = []
+    for q, rows in enumerate(neighbours):
+        for row in rows:
+            messages = with_system_prompt(neighbour_messages(row), cfg.system_prompt)
+            enc = tokenize_conversation(tokenizer, messages, cfg.max_length)
+            if all(l == IGNORE_INDEX for l in enc["labels"]):
+                continue  # the answer was cut off entirely: nothing to learn from this row
+            out.append(Example(q, enc["input_ids"], enc["labels"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ batched LoRA
+def _init_seed(seed: int, key: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16)
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Linear
+    A: torch.Tensor  # [n, r, in]
+    B: torch.Tensor  # [n, out, r]
+
+
+@dataclass
+class BatchedLoRA:
+    """``n`` LoRA adapters over the same frozen model, applied per batch row through forward hooks.
+
+    Use ``with lora.attached(): ...`` around forwards; set :attr:`row_adapter` (a LongTensor ``[batch]`` of
+    adapter indices, -1 = none) before each forward."""
+
+    model: nn.Module
+    keys: list[str]  # one per adapter (e.g. a hash of the question): seeds its initialisation
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    seed: int = 0
+    targets: list[_Target] = field(init=False)
+    row_adapter: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("BatchedLoRA needs at least one adapter")
+        param = next(self.model.parameters())
+        wanted = set(self.target_modules)
+        found = [(n, m) for n, m in self.model.named_modules()
+                 if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in wanted]
+        if not found:
+            raise ConfigError(f"ttt.target_modules={sorted(wanted)}: no nn.Linear module of the model has these names")
+        self.scale = self.alpha / self.r
+        n = len(self.keys)
+        self.targets = []
+        for name, module in found:
+            A = torch.empty(n, self.r, module.in_features, dtype=torch.float32, device=param.device)
+            for i, key in enumerate(self.keys):
+                g = torch.Generator().manual_seed(_init_seed(self.seed, f"{key}:{name}"))
+                # peft's default: kaiming_uniform(a=sqrt(5)) on A, zeros on B (the adapter starts as a no-op)
+                bound = 1.0 / math.sqrt(module.in_features)
+                A[i] = (torch.rand(self.r, module.in_features, generator=g) * 2 - 1).mul_(bound).to(A.device)
+            B = torch.zeros(n, module.out_features, self.r, dtype=torch.float32, device=param.device)
+            self.targets.append(_Target(name, module, A.requires_grad_(), B.requires_grad_()))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for tg in self.targets for t in (tg.A, tg.B)]
+
+    def _hook(self, target: _Target):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            idx = self.row_adapter
+            if idx is None or bool((idx < 0).all()):
+                return output
+            x = inputs[0]
+            if idx.numel() == 1 and x.shape[0] != 1:  # one adapter for every row of this batch
+                idx = idx.reshape(1).expand(x.shape[0])
+            sel = idx.clamp(min=0).to(x.device)
+            a, b = target.A[sel], target.B[sel]  # [batch, r, in], [batch, out, r]
+            delta = torch.einsum("bti,bri->btr", x.to(a.dtype), a)
+            delta = torch.einsum("btr,bor->bto", delta, b) * self.scale
+            on = (idx >= 0).to(delta.dtype).to(x.device)[:, None, None]
+            return output + (delta * on).to(output.dtype)
+
+        return hook
+
+    @contextmanager
+    def attached(self) -> Iterator[BatchedLoRA]:
+        handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.row_adapter = None
+
+    def state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        """Adapter ``i`` in peft's key layout (``base_model.model.<module>.lora_A.weight``)."""
+        out = {}
+        for t in self.targets:
+            out[f"base_model.model.{t.name}.lora_A.weight"] = t.A[i].detach().clone().contiguous()
+            out[f"base_model.model.{t.name}.lora_B.weight"] = t.B[i].detach().clone().contiguous()
+        return out
+
+    def save_peft(self, i: int, path: str, base_model_name: str | None = None) -> str:
+        """Write adapter ``i`` as a peft LoRA directory that ``PeftModel.from_pretrained`` and vLLM load."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        modules = sorted({t.name.rsplit(".", 1)[-1] for t in self.targets})
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+            "lora_dropout": 0.0, "bias": "none", "target_modules": modules, "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+            "base_model_name_or_path": base_model_name or getattr(self.model.config, "_name_or_path", None),
+            "modules_to_save": None,
+        }
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_file(self.state_dict(i), os.path.join(path, "adapter_model.safetensors"))
+        return path
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    n = len(examples)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "question": torch.tensor([e.question for e in examples], dtype=torch.long)}
+
+
+def per_question_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_questions: int) -> torch.Tensor:
+    """Sum over questions of each question's mean next-token loss (so each adapter's gradient is its own)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                use_cache=False)
+    logits = out.logits[:, :-1].float()
+    target = batch["labels"][:, 1:].to(device)
+    tok_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
+    valid = (target != IGNORE_INDEX).float()
+    q = batch["question"].to(device)
+    loss_sum = torch.zeros(n_questions, device=device).index_add(0, q, (tok_loss * valid).sum(1))
+    count = torch.zeros(n_questions, device=device).index_add(0, q, valid.sum(1))
+    return (loss_sum / count.clamp(min=1)).sum()
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Base parameters frozen (no grads kept) for the duration, then their flags restored."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class AdaptResult:
+    lora: BatchedLoRA | None
+    losses: list[float]  # summed per-question loss at each step (before the update)
+    examples: int
+    seconds: float
+
+
+def adapt_lora(model: nn.Module, tokenizer: Any, keys: Sequence[str], neighbours: Sequence[Sequence[dict]],
+               cfg: TTTConfig) -> AdaptResult:
+    """Train one fresh adapter per question (``keys[q]``, ``neighbours[q]``) in batched passes over all of them.
+
+    Questions with no usable neighbour keep a zero adapter (they answer as the base model). The model must be in
+    eval mode for dropout-free, deterministic steps; it is left as it was."""
+    import time
+
+    if len(keys) != len(neighbours):
+        raise ValueError(f"{len(keys)} keys for {len(neighbours)} neighbour lists")
+    t0 = time.time()
+    lora = BatchedLoRA(model, list(keys), r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules, seed=cfg.seed)
+    examples = build_examples(tokenizer, neighbours, cfg)
+    losses: list[float] = []
+    if examples and cfg.steps > 0:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        batch = _collate(examples, int(pad))
+        opt = torch.optim.Adam(lora.parameters(), lr=cfg.lr)
+        was_training = model.training
+        model.eval()
+        try:
+            with frozen(model), lora.attached():
+                for _ in range(cfg.steps):
+                    lora.row_adapter = batch["question"]
+                    loss = per_question_loss(model, batch, len(keys))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+        finally:
+            model.train(was_training)
+    for t in lora.targets:
+        t.A.requires_grad_(False)
+        t.B.requires_grad_(False)
+    return AdaptResult(lora, losses, len(examples), time.time() - t0)
+
+
+@contextmanager
+def full_update(model: nn.Module, tokenizer: Any, neighbours: Sequence[dict], cfg: TTTConfig) -> Iterator[AdaptResult]:
+    """The paper's full-parameter TTT for ONE question: Adam steps on all weights, yield, then restore them exactly.
+
+    Only the parameters are backed up (not a second model object); the backup is still one copy of the weights,
+    which is why LoRA is the default."""
+    import time
+
+    t0 = time.time()
+    params = [p for p in model.parameters()]
+    backup = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    examples = build_examples(tokenizer, [neighbours], cfg)
+    losses: list[float] = []
+    was_training = model.training
+    try:
+        if examples and cfg.steps > 0:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+            batch = _collate(examples, int(pad))
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=cfg.lr)
+            model.eval()
+            for _ in range(cfg.steps):
+                loss = per_question_loss(model, batch, 1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            del opt
+            for p in params:
+                p.grad = None
+        model.train(was_training)
+        yield AdaptResult(None, losses, len(examples), time.time() - t0)
+    finally:
+        with torch.no_grad():
+            for p, b, flag in zip(params, backup, flags):
+                p.copy_(b)
+                p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes, bytes): 'bit-identical' made checkable."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,163 @@
+"""Test-time training adapters (finemed_ray/ttt/adapt.py) on the tiny model: batched == one by one, the base model
+is never modified, plain rows in a mixed batch are bit-exact, the peft export is what the hooks computed, the
+full-parameter option restores the weights exactly, and the adapters learn what they are shown."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows
+from finemed_ray.eval.loglik import mcq_loglik_accuracy, synthetic_fact_continuations
+from finemed_ray.ttt.adapt import (
+    BatchedLoRA,
+    TTTConfig,
+    adapt_lora,
+    full_update,
+    neighbour_messages,
+    weights_digest,
+)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    return model, tok
+
+
+def fact_key(item: dict) -> str:
+    return "-".join(item["id"].split("-")[1:3])  # mcq-drug-00-p3 -> drug-00
+
+
+@pytest.fixture(scope="module")
+def task():
+    """Held-out-paraphrase questions on facts the (random) model never saw, each with the three training
+    paraphrases of its own fact as neighbours (oracle retrieval: this file tests adaptation, not the index)."""
+    rows = sample_sft_rows(paraphrases="train", system_prompt=None)
+    items = sample_mcq_items(paraphrases="heldout")[:8]
+    neighbours = [[r for r in rows if r["id"].startswith(fact_key(it) + "-")] for it in items]
+    assert all(len(n) == 3 for n in neighbours)
+    return items, neighbours
+
+
+CFG = TTTConfig(steps=8, lr=1e-2, r=8)
+
+
+def ttt_accuracy(model, tok, items, lora) -> float:
+    correct = 0
+    with lora.attached():
+        for q, item in enumerate(items):
+            lora.row_adapter = torch.tensor([q])
+            correct += mcq_loglik_accuracy(model, tok, [item], synthetic_fact_continuations)["correct"]
+    return correct / len(items)
+
+
+def test_adapters_learn_their_own_facts_and_leave_the_base_untouched(model_and_tokenizer, task):
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    before = weights_digest(model)
+    base = mcq_loglik_accuracy(model, tok, items, synthetic_fact_continuations)["accuracy"]
+    res = adapt_lora(model, tok, [it["id"] for it in items], neighbours, CFG)
+    assert res.examples == 24 and res.losses[-1] < 0.9 * res.losses[0]
+    assert ttt_accuracy(model, tok, items, res.lora) >= 0.75 > base + 0.3
+    # Adapters of *other* questions do not help (what is learnt is each question's own neighbours):
+    shifted = adapt_lora(model, tok, [it["id"] for it in items], neighbours[1:] + neighbours[:1], CFG)
+    assert ttt_accuracy(model, tok, items, shifted.lora) <= base + 0.25
+    # A zero-step adaptation is a no-op: same accuracy as the base model.
+    noop = adapt_lora(model, tok, [it["id"] for it in items], neighbours, CFG.model_copy(update={"steps": 0}))
+    assert ttt_accuracy(model, tok, items, noop.lora) == base
+    assert weights_digest(model) == before
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_batched_adapters_equal_one_question_at_a_time(model_and_tokenizer, task):
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    keys = [it["id"] for it in items[:4]]
+    together = adapt_lora(model, tok, keys, neighbours[:4], CFG)
+    for q in range(4):
+        alone = adapt_lora(model, tok, [keys[q]], [neighbours[q]], CFG)
+        for a, b in zip(together.lora.targets, alone.lora.targets):
+            torch.testing.assert_close(a.A[q], b.A[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.B[q], b.B[0], rtol=1e-5, atol=1e-6)
+
+
+def test_plain_rows_in_a_mixed_batch_are_bit_exact(model_and_tokenizer, task):
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    res = adapt_lora(model, tok, [it["id"] for it in items[:2]], neighbours[:2], CFG)
+    ids = torch.tensor([tok(items[i]["question"])["input_ids"][:8] for i in range(4)])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        with res.lora.attached():
+            res.lora.row_adapter = torch.tensor([0, -1, 1, -1])
+            mixed = model(input_ids=ids).logits
+    assert torch.equal(mixed[1], base[1]) and torch.equal(mixed[3], base[3])
+    assert not torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[2], base[2])
+
+
+def test_peft_export_reproduces_the_hooked_model(model_and_tokenizer, task, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    res = adapt_lora(model, tok, [it["id"] for it in items[:2]], neighbours[:2], CFG)
+    path = res.lora.save_peft(1, str(tmp_path / "adapter"), base_model_name=str(tiny_model_dir))
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(fresh, path).eval()
+    ids = torch.tensor([tok(items[1]["question"])["input_ids"]])
+    with torch.no_grad():
+        with res.lora.attached():
+            res.lora.row_adapter = torch.tensor([1])
+            hooked = model(input_ids=ids).logits
+        exported = peft_model(input_ids=ids).logits
+        base = model(input_ids=ids).logits
+    torch.testing.assert_close(exported, hooked, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(exported, base)
+
+
+def test_generation_with_per_row_adapters_through_the_hf_engine(tiny_model_dir, task):
+    from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+
+    items, neighbours = task
+    teacher = make_teacher(TeacherSpec(backend="hf", model=str(tiny_model_dir), max_tokens=10, batch_size=4))
+    model, tok = teacher.load()
+    res = adapt_lora(model, tok, [it["id"] for it in items[:2]], neighbours[:2], CFG.model_copy(update={"steps": 16}))
+    reqs = [{"key": f"k{i}", "messages": [{"role": "user", "content": items[i % 2]["question"]}], "adapter": a}
+            for i, a in enumerate([0, -1, 1, -1])]
+    mixed = teacher.generate(reqs, lora=res.lora)
+    plain = teacher.generate([{k: v for k, v in r.items() if k != "adapter"} for r in reqs])
+    assert mixed[1]["text"] == plain[1]["text"] and mixed[3]["text"] == plain[3]["text"]
+    alone = teacher.generate([reqs[0]], lora=res.lora)
+    assert alone[0]["text"] == mixed[0]["text"]  # an adapted row does not depend on its batch mates
+    # The adapted model says what its neighbours taught it.
+    drug = neighbours[0][0]["messages"][-1]["content"].split()[0]
+    assert drug in mixed[0]["text"] and mixed[0]["text"] != plain[0]["text"]
+
+
+def test_full_parameter_update_is_restored_bit_for_bit(model_and_tokenizer, task):
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    before = weights_digest(model)
+    base = mcq_loglik_accuracy(model, tok, items[:1], synthetic_fact_continuations)["predictions"][0]["scores"]
+    with full_update(model, tok, neighbours[0], TTTConfig(method="full", steps=3, lr=1e-3)) as res:
+        assert weights_digest(model) != before and res.losses[-1] < res.losses[0]
+        adapted = mcq_loglik_accuracy(model, tok, items[:1], synthetic_fact_continuations)["predictions"][0]["scores"]
+        assert adapted != base
+    assert weights_digest(model) == before
+
+
+def test_bad_neighbours_and_targets_are_named():
+    from finemed_ray.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match="needs prompt \\+ completion"):
+        neighbour_messages({"id": "x", "prompt": [{"role": "user", "content": "q"}]})
+    assert neighbour_messages({"prompt": "q?", "completion": "a."})[-1] == {"role": "assistant", "content": "a."}
+    dpo = {"prompt": [{"role": "user", "content": "q?"}], "chosen": [{"role": "assistant", "content": "long a."}]}
+    assert neighbour_messages(dpo)[-1]["content"] == "long a."
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        BatchedLoRA(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["a"], target_modules=["q_proj"])
