@@ -107,8 +107,11 @@ def main() -> int:
     ap.add_argument("--deepspeed", default="configs/deepspeed/zero3.json", help="deepspeed.config, or 'null' (DDP)")
     ap.add_argument("--source", choices=("auto", "pubmedqa", "synthetic"), default="auto")
     ap.add_argument("--pubmedqa-dir", type=Path, default=DEFAULT_PUBMEDQA)
+    ap.add_argument("--pack-length", default="auto",
+                    help="train.pack_length: auto | single | N (auto = bins of --max-length on sdpa)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    pack_setting = args.pack_length if args.pack_length in ("auto", "single") else int(args.pack_length)
     H.setup_env()
 
     import ray
@@ -118,7 +121,7 @@ def main() -> int:
     from finemed_ray.data.sample import write_jsonl
     from finemed_ray.models.loading import load_tokenizer, resolve_model_path
     from finemed_ray.models.tiny import save_tiny_model
-    from finemed_ray.train.packing import packing_collator
+    from finemed_ray.train.packing import packing_collator, resolve_pack_length
 
     rows, source_note = None, None
     if args.source in ("auto", "pubmedqa"):
@@ -136,6 +139,7 @@ def main() -> int:
 
     results: dict[str, Any] = {
         "benchmark": "packing_throughput",
+        "pack_length": pack_setting,
         **H.host_info(),
         "data_source": source_note,
         "rows": args.rows,
@@ -155,7 +159,8 @@ def main() -> int:
         tok = load_tokenizer(resolve_model_path("s3://bench/models/tiny"))
         collators = {
             False: DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id),  # what SFTTrainer builds
-            True: packing_collator(tok),
+            # the collator the trainer builds: the tiny Llama loads with sdpa attention
+            True: packing_collator(tok, pack_length=resolve_pack_length(pack_setting, args.max_length, "sdpa")),
         }
         reference_seen = None
         for packing in (False, True):
@@ -168,6 +173,7 @@ def main() -> int:
                     "train.gradient_accumulation_steps=1",
                     "train.epochs=1",
                     f"train.packing={str(packing).lower()}",
+                    f"train.pack_length={pack_setting}",
                     "train.report_to=[tensorboard]",
                     f"deepspeed.config={args.deepspeed}",
                 ],

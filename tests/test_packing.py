@@ -164,10 +164,11 @@ def test_trl_sft_trainer_accepts_the_collator_and_loss_matches(tok, rows, tmp_pa
                   remove_unused_columns=False, per_device_train_batch_size=len(rows))
     model = build_tiny_model(tok)
     padded_loss = model(**pad_batch(rows, tok.pad_token_id)).loss.item()
-    for route in ("ours", "trl"):
-        if route == "ours":
+    bins = max(len(r["input_ids"]) for r in rows) + min(len(r["input_ids"]) for r in rows)
+    for route in ("ours", "ours-bins", "trl"):
+        if route.startswith("ours"):
             args = SFTConfig(output_dir=str(tmp_path / route), max_length=512, **common, **packing_sft_config_kwargs())
-            collator = packing_collator(tok)
+            collator = packing_collator(tok, pack_length=bins if route == "ours-bins" else None)
         else:
             args = SFTConfig(output_dir=str(tmp_path / route), **common, **packing_sft_config_kwargs(True))
             collator = None
@@ -227,3 +228,72 @@ def test_padding_stats(tok, rows):
     # Padded to a multiple: the tail is pad (position 0) and is counted as padding, not as sequences.
     s_mult = padding_stats(packing_collator(tok, pad_to_multiple_of=64)(rows), pad_token_id=tok.pad_token_id)
     assert s_mult["slots"] % 64 == 0 and s_mult["real_tokens"] == total and s_mult["sequences"] == len(rows)
+
+
+# ------------------------------------------------------------------------------------- several packed rows (bins)
+def test_first_fit_decreasing_bins():
+    from finemed_ray.train.packing import first_fit_decreasing
+
+    bins = first_fit_decreasing([5, 9, 3, 7, 2, 4], 10)
+    assert sorted(i for b in bins for i in b) == list(range(6))  # every sequence exactly once
+    assert all(sum([5, 9, 3, 7, 2, 4][i] for i in b) <= 10 for b in bins)
+    assert bins == [[1], [3, 2], [0, 5], [4]]  # longest first, each into the first bin with room
+    assert first_fit_decreasing([12, 3], 10) == [[0], [1]]  # too long for a bin: a bin of its own
+
+
+def test_binned_layout(tok, rows):
+    lengths = [len(r["input_ids"]) for r in rows]
+    cap = max(lengths) + min(lengths)
+    batch = packing_collator(tok, pack_length=cap)(rows)
+    n_rows, width = batch["input_ids"].shape
+    assert 1 < n_rows < len(rows) and width <= cap
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    seen = []
+    for r in range(n_rows):
+        pos, ids, labels = batch["position_ids"][r], batch["input_ids"][r], batch["labels"][r]
+        starts = (pos == 0).nonzero().flatten().tolist() + [width]
+        for a, b in zip(starts, starts[1:]):
+            seq = ids[a:b].tolist()
+            if b - a == 1 and seq == [tok.pad_token_id]:
+                assert labels[a] == IGNORE_INDEX  # a pad: its own one-token segment, never trained
+                continue
+            (i,) = [k for k, row in enumerate(rows) if row["input_ids"] == seq]
+            seen.append(i)
+            assert torch.equal(pos[a:b], torch.arange(b - a))
+            assert labels[a] == IGNORE_INDEX and labels[a + 1 : b].tolist() == rows[i]["labels"][1:]
+    assert sorted(seen) == list(range(len(rows)))
+    stats = padding_stats(batch, tok.pad_token_id)
+    assert stats["real_tokens"] == sum(lengths) and stats["sequences"] == len(rows)
+
+
+@pytest.mark.parametrize("impl", ATTN)
+def test_binned_loss_grads_and_isolation_match_padded(tok, rows, models, impl):
+    model = models[impl]
+    lengths = [len(r["input_ids"]) for r in rows]
+    packed = packing_collator(tok, pack_length=max(lengths) + min(lengths))(rows)
+    assert packed["input_ids"].shape[0] > 1
+    loss_packed, g_packed = loss_and_grads(model, packed)
+    loss_padded, g_padded = loss_and_grads(model, pad_batch(rows, tok.pad_token_id))
+    torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=0)
+    worst = max((g_packed[n] - g_padded[n]).abs().max().item() for n in g_packed)
+    scale = max(g.abs().max().item() for g in g_padded.values())
+    assert worst <= 1e-5 * max(1.0, scale)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
+        for r in range(packed["input_ids"].shape[0]):
+            pos = packed["position_ids"][r]
+            starts = (pos == 0).nonzero().flatten().tolist() + [pos.numel()]
+            for a, b in zip(starts, starts[1:]):
+                if b - a > 1:
+                    alone = model(input_ids=packed["input_ids"][r : r + 1, a:b], use_cache=False).logits[0]
+                    torch.testing.assert_close(logits[r, a:b], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_pack_length_setting():
+    from finemed_ray.train.packing import resolve_pack_length
+
+    assert resolve_pack_length("auto", 512, "sdpa") == 512
+    assert resolve_pack_length("auto", 512, "flash_attention_2") is None
+    assert resolve_pack_length("single", 512, "sdpa") is None and resolve_pack_length(1024, 512, "eager") == 1024
+    with pytest.raises(ConfigError, match="exclusive"):
+        packing_collator(0, pad_to_multiple_of=8, pack_length=64)

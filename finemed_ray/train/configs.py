@@ -85,6 +85,12 @@ class TrainSection(StrictModel):
         description="Padding-free packing: each micro-batch is one row of concatenated conversations, position "
         "ids restarting per conversation so they cannot attend to each other (no pad tokens).",
     )
+    pack_length: int | Literal["auto", "single"] = Field(
+        "auto",
+        description="With packing: 'single' = one row per micro-batch; N = first-fit bins of <= N tokens per row; "
+        "'auto' = single on flash attention kernels, else bins of data.max_length (eager/sdpa attention cost "
+        "grows with the square of the row length).",
+    )
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Trackers for loss/lr (tensorboard, wandb, mlflow...)."
     )

@@ -1,4 +1,5 @@
-"""Padding-free sequence packing for SFT: a batch of N tokenised rows becomes one row of their concatenation.
+"""Padding-free sequence packing for SFT: a batch of N tokenised rows becomes one row of their concatenation, or
+(``train.pack_length``, the default ``auto`` on eager/sdpa) a few rows of about ``max_length`` tokens each.
 
 The collator is TRL's own ``DataCollatorForLanguageModeling(padding_free=True)`` (TRL 1.16), which keeps the
 ``labels`` it is given (our assistant-only masks) and only sets -100 on the first token of each sequence, so no
@@ -53,18 +54,71 @@ class PackingCollator(DataCollatorForLanguageModeling):
     each -100 or equal to the input id at the same position. Other keys are ignored."""
 
     padding_free: bool = True
+    pack_length: int | None = None  # None: one row per micro-batch (TRL's layout); N: bins of <= N tokens
 
     def __post_init__(self) -> None:
         if not self.padding_free:
             raise ConfigError("PackingCollator: padding_free must be True (use TRL's collator for padded batches)")
+        if self.pack_length is not None and self.pack_length < 1:
+            raise ConfigError(f"PackingCollator: pack_length={self.pack_length}: must be None or >= 1")
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         check_rows(examples)
+        if self.pack_length is not None:
+            batch = pack_into_rows(examples, self.pack_length, self.pad_token_id)
+            batch["use_cache"] = False
+            return batch
         batch = super().torch_call(examples)
         # Without this a plain model(**batch) builds a KV cache, and transformers then ignores the packed position
         # ids: sequences would silently attend to each other (TRL's compute_loss sets it too).
         batch["use_cache"] = False
         return batch
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of total <= ``capacity`` (longest first, each into the first bin
+    with room; ties keep input order). A length above ``capacity`` gets a bin of its own."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def pack_into_rows(examples: Sequence[Mapping[str, Any]], pack_length: int, pad_token_id: int) -> dict[str, Any]:
+    """Several packed rows instead of one: the micro-batch's sequences go into bins of at most ``pack_length``
+    tokens (first-fit decreasing), each bin one row, rows right-padded to the longest bin.
+
+    Why: eager/sdpa attention computes every [T, T] block of a row, so one row of all N sequences costs
+    (sum of lengths)^2 in attention -- more than the padded batch it replaces once N is large. Bins of about
+    max_length keep attention at the padded batch's cost or below and still drop almost all padding (measured:
+    ``bench/packing_throughput.py``). Layout per row as TRL's: positions restart at 0 per sequence, labels -100 on
+    each sequence's first token; pads get position 0 and label -100, so each pad is its own one-token "sequence"
+    that no real token attends to. No attention_mask: transformers derives the block-diagonal mask from the
+    position ids per row (and flash kernels flatten the rows into varlen sequences the same way)."""
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    bins = first_fit_decreasing(lengths, pack_length)
+    width = max(sum(lengths[i] for i in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    for r, b in enumerate(sorted(bins, key=min)):  # rows in order of their first sequence: stable, readable
+        o = 0
+        for i in sorted(b):
+            n = lengths[i]
+            ids[r, o : o + n] = torch.as_tensor(examples[i]["input_ids"])
+            labels[r, o : o + n] = torch.as_tensor(examples[i]["labels"])
+            labels[r, o] = IGNORE_INDEX  # never predict a sequence's first token from the previous one
+            pos[r, o : o + n] = torch.arange(n)
+            o += n
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def check_rows(examples: Sequence[Mapping[str, Any]]) -> None:
@@ -90,11 +144,13 @@ def check_rows(examples: Sequence[Mapping[str, Any]]) -> None:
             )
 
 
-def packing_collator(tokenizer_or_pad_id: Any, pad_to_multiple_of: int | None = None) -> PackingCollator:
+def packing_collator(tokenizer_or_pad_id: Any, pad_to_multiple_of: int | None = None,
+                     pack_length: int | None = None) -> PackingCollator:
     """The padding-free collator for our pre-tokenised SFT rows.
 
     ``tokenizer_or_pad_id``: a tokenizer with a pad token, or the pad id itself. The pad id is only used when
-    ``pad_to_multiple_of`` pads the packed row at its end (for shape-stable compilers); otherwise there is no pad."""
+    ``pad_to_multiple_of`` pads the packed row at its end (for shape-stable compilers), or to even out the rows
+    of ``pack_length`` bins (see :func:`pack_into_rows`); with neither there is no pad."""
     pad_id = tokenizer_or_pad_id if isinstance(tokenizer_or_pad_id, int) else getattr(
         tokenizer_or_pad_id, "pad_token_id", None
     )
@@ -102,7 +158,20 @@ def packing_collator(tokenizer_or_pad_id: Any, pad_to_multiple_of: int | None = 
         raise ConfigError(f"packing_collator: need a tokenizer with a pad token or a pad id >= 0, got {pad_id!r}")
     if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
         raise ConfigError(f"packing_collator: pad_to_multiple_of={pad_to_multiple_of!r}: must be None or >= 1")
-    return PackingCollator(pad_token_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    if pack_length is not None and pad_to_multiple_of is not None:
+        raise ConfigError("packing_collator: pack_length and pad_to_multiple_of are exclusive")
+    return PackingCollator(pad_token_id=pad_id, pad_to_multiple_of=pad_to_multiple_of, pack_length=pack_length)
+
+
+def resolve_pack_length(setting: int | str | None, max_length: int, attn_implementation: str | None) -> int | None:
+    """``train.pack_length`` -> the collator's ``pack_length``. ``auto``: one row per micro-batch for flash
+    kernels (their varlen path skips cross-sequence blocks, so a long row costs nothing extra), bins of
+    ``max_length`` tokens for eager/sdpa/flex (which compute the whole [T, T] block)."""
+    if setting == "auto":
+        return None if (attn_implementation or "").startswith("flash") else max_length
+    if setting is None or setting == "single":
+        return None
+    return int(setting)
 
 
 def packing_sft_config_kwargs(trl_builds_collator: bool = False) -> dict[str, Any]:

@@ -126,7 +126,12 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     from finemed_ray.train.export import finalize_export, loss_history
     from finemed_ray.train.ray_shard import RayShardDataLoaderMixin, ShardSource, shard_to_iterable_dataset
     from finemed_ray.train.lora import lora_config
-    from finemed_ray.train.packing import check_packing_attention, packing_collator, packing_sft_config_kwargs
+    from finemed_ray.train.packing import (
+        check_packing_attention,
+        packing_collator,
+        packing_sft_config_kwargs,
+        resolve_pack_length,
+    )
     from finemed_ray.train.resume import DataPosition, DataPositionCallback
 
     class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
@@ -231,7 +236,9 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
                     position.global_step, position.epoch, position.rows_in_epoch[rank])
     trainer_kwargs: dict[str, Any] = {}
     if kind == "sft" and t.packing:
-        trainer_kwargs["data_collator"] = packing_collator(tokenizer)
+        pack_length = resolve_pack_length(t.pack_length, cfg.data.max_length,
+                                          getattr(model.config, "_attn_implementation", None))
+        trainer_kwargs["data_collator"] = packing_collator(tokenizer, pack_length=pack_length)
     # DPO: no ref_model given -> TRL loads a frozen copy of the starting weights and, under DeepSpeed, wraps it
     # in its own ZeRO-3 inference engine (sharded like the policy); with LoRA the adapter is disabled instead.
     trainer = (RayDPOTrainer if kind == "dpo" else RaySFTTrainer)(
