@@ -12,8 +12,10 @@ def config_classes() -> dict[str, type]:
     from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
     from finemed_ray.synth.config import SynthJobConfig
     from finemed_ray.train.recipe import RecipeConfig
+    from finemed_ray.eval.config import EvalJobConfig
 
-    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "recipe": RecipeConfig, "synth": SynthJobConfig}
+    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "recipe": RecipeConfig, "synth": SynthJobConfig,
+            "eval": EvalJobConfig}
 
 
 def config_class_for(path: str | Path) -> type:

@@ -252,10 +252,13 @@ def render_chart(report: Mapping[str, Any]) -> bytes:
 def _prediction_lines(rows: Iterable[Mapping[str, Any]]) -> str:
     out = []
     for p in rows:
-        out.append(json.dumps({
+        line = {
             "benchmark": p["benchmark"], "id": str(p["id"]), "ttt": bool(p["ttt"]), "prediction": p["pred"],
             "gold": p["gold"], "correct": _is_correct(p), "method": p.get("method"), "raw": p.get("raw"),
-        }, ensure_ascii=False))
+        }
+        # Anything else the runner recorded per item (TTT neighbours, distances, timings, token counts) is kept.
+        line.update({k: v for k, v in p.items() if k not in line and k != "pred"})
+        out.append(json.dumps(line, ensure_ascii=False, default=str))
     return "\n".join(out) + "\n"
 
 

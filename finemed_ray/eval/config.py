@@ -1,0 +1,88 @@
+"""Typed config of the evaluation job (``jobs/evaluate.py``; YAML files ``configs/eval_*.yaml``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from finemed_ray.config import StrictModel
+from finemed_ray.eval.benchmarks import BenchmarkSpec
+from finemed_ray.synth.config import TeacherConfig
+from finemed_ray.ttt.adapt import TTTConfig
+
+
+class PromptSection(StrictModel):
+    mode: Literal["reasoning", "direct", "question"] = Field(
+        "reasoning",
+        description="reasoning: step by step, ending 'the answer is (X)'; direct: the letter only; question: the "
+        "question alone as the user turn, no options listed (log-likelihood on cloze-style tasks).",
+    )
+    system_prompt: str | None = Field(
+        "You are a helpful professional doctor.", description="System turn (the paper's); null = none."
+    )
+
+
+class ScoringSection(StrictModel):
+    method: Literal["generate", "loglik"] = Field(
+        "generate", description="generate: decode an answer and extract the letter; loglik: the most likely option."
+    )
+    continuation: Literal["letter_text", "letter", "text"] = Field(
+        "letter_text", description="loglik: what is scored per option ('The answer is (B) text', the letter, the text)."
+    )
+    normalize: Literal["mean", "sum"] = Field("mean", description="loglik: per-token mean or summed log-probability.")
+
+
+class TTTSection(StrictModel):
+    enabled: bool = Field(False, description="Evaluate with test-time training (a flag of the evaluation job).")
+    compare: bool = Field(True, description="With TTT enabled, also evaluate without it: the report shows both.")
+    index: str | None = Field(None, description="Retrieval index built by jobs/build_index.py (local or s3://).")
+    verify_base: bool = Field(
+        False, description="Hash every base weight before and after each batch and fail if one changed (slow on "
+        "large models; on in tests)."
+    )
+    adapt: TTTConfig = Field(default_factory=TTTConfig, description="How each question is adapted.")
+
+    @model_validator(mode="after")
+    def _index_needed(self) -> TTTSection:
+        if self.enabled and not self.index:
+            raise ValueError("ttt.index: required when ttt.enabled (build one with jobs/build_index.py)")
+        return self
+
+
+class EvalOutputSection(StrictModel):
+    path: str = Field(description="Report prefix (local or s3://): report.json/.md, accuracy.png, predictions.jsonl.")
+    baseline: str | None = Field(None, description="A previous report.json (or its prefix) to compare against.")
+
+
+class EvalRaySection(StrictModel):
+    address: str | None = Field(None, description="Ray cluster; null = the `ray job submit` cluster, else local.")
+    local_num_cpus: int = Field(4, ge=2, description="Logical CPUs of a local cluster.")
+
+
+class EvalJobConfig(StrictModel):
+    name: str = Field(description="Run name (in the report).")
+    engine: TeacherConfig = Field(
+        description="The model under evaluation behind the engine interface: hf (transformers), vllm, or http."
+    )
+    benchmarks: list[BenchmarkSpec] = Field(min_length=1, description="Benchmark sets (name, path, kind, limit).")
+    prompt: PromptSection = Field(default_factory=PromptSection, description="How items are put to the model.")
+    scoring: ScoringSection = Field(default_factory=ScoringSection, description="Generation or log-likelihood.")
+    ttt: TTTSection = Field(default_factory=TTTSection, description="Test-time training.")
+    output: EvalOutputSection = Field(description="Where the report goes.")
+    ray: EvalRaySection = Field(default_factory=EvalRaySection, description="Which Ray cluster runs the job.")
+
+    @model_validator(mode="after")
+    def _engine_supports(self) -> EvalJobConfig:
+        if self.scoring.method == "loglik" and self.engine.backend != "hf":
+            raise ValueError(f"scoring.method=loglik needs engine.backend=hf (token log-probabilities of every "
+                             f"option); got {self.engine.backend!r}")
+        if self.ttt.enabled and self.engine.backend == "http":
+            raise ValueError("ttt.enabled: an http engine cannot be adapted; use hf or vllm")
+        if self.prompt.mode == "question" and self.scoring.method == "generate":
+            raise ValueError("prompt.mode=question lists no options, so generated letters mean nothing: "
+                             "use scoring.method=loglik")
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmarks: duplicate names {sorted(n for n in set(names) if names.count(n) > 1)}")
+        return self

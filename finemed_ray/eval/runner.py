@@ -1,0 +1,235 @@
+"""The evaluation job: benchmark items -> Ray Data batch inference -> extracted answers -> report.
+
+Items become rows (``key``, ``messages``, benchmark, id, gold, options); the model answers through the same engine
+interface the synthesis teachers and serving use (``finemed_ray.synth.teachers``: ``hf`` transformers, ``vllm``
+through ``ray.data.llm``, or any OpenAI-compatible ``http`` endpoint). Answers are read with
+:func:`finemed_ray.eval.extract.extract_answer`; an unextractable answer is wrong and counted.
+
+``scoring.method=loglik`` picks the option with the highest log-likelihood instead (small models that cannot follow
+an answer format), on the transformers engine.
+
+With ``ttt.enabled`` each Ray Data batch of questions is embedded, its neighbours are retrieved from the index
+(``jobs/build_index.py``), one LoRA adapter per question is trained on them in one batched pass
+(:mod:`finemed_ray.ttt.adapt`), and the questions are answered through their own adapters. The base weights are
+never written (``ttt.verify_base`` hashes them around every batch). ``ttt.compare`` also runs the plain model,
+so the report has both columns and the delta.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from finemed_ray import storage
+from finemed_ray.errors import FinemedError
+from finemed_ray.eval.benchmarks import BenchmarkSet, MCQItem, load_benchmarks
+from finemed_ray.eval.config import EvalJobConfig
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def item_messages(item: MCQItem, cfg: dict) -> list[dict[str, str]]:
+    from finemed_ray.eval.prompting import build_messages
+
+    mode, system = cfg["prompt"]["mode"], cfg["prompt"]["system_prompt"]
+    if mode == "question":
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": item.question}]
+    return build_messages(item, mode=mode, system_prompt=system)
+
+
+def item_rows(sets: dict[str, BenchmarkSet], cfg: dict) -> list[dict[str, Any]]:
+    rows = []
+    for name, bset in sets.items():
+        for item in bset:
+            rows.append({"key": f"{name}:{item.id}", "benchmark": name, "id": item.id, "gold": item.answer,
+                         "question": item.question, "options": json.dumps(item.options, ensure_ascii=False),
+                         "kind": item.kind, "messages": item_messages(item, cfg)})
+    return rows
+
+
+def _item(row: dict) -> MCQItem:
+    return MCQItem(id=row["id"], question=row["question"], options=json.loads(row["options"]), answer=row["gold"],
+                   benchmark=row["benchmark"], kind=row["kind"], extra={})
+
+
+def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **extra: Any) -> dict[str, Any]:
+    from finemed_ray.eval.extract import extract_answer
+
+    options = json.loads(row["options"])
+    if text is None:
+        pred, method = None, "error"
+    else:
+        got = extract_answer(text, options)
+        pred, method = got.letter, got.method
+    return {"benchmark": row["benchmark"], "id": row["id"], "gold": row["gold"], "pred": pred,
+            "raw": text if text is not None else f"<error: {error}>", "method": method, "ttt": ttt, **extra}
+
+
+# ------------------------------------------------------------------------------------------------ workers
+class EvalWorker:
+    """Ray Data actor on the transformers engine: log-likelihood scoring and/or TTT (one adapter per question)."""
+
+    def __init__(self, cfg: dict, ttt: bool):
+        from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+
+        self.cfg = cfg
+        self.ttt = ttt
+        self.teacher = make_teacher(TeacherSpec(**cfg["engine"]))
+        self.model, self.tokenizer = self.teacher.load()
+        self.model.eval()
+        if ttt:
+            from finemed_ray.ttt.adapt import TTTConfig
+            from finemed_ray.ttt.index import load_index_and_encoder
+
+            self.adapt_cfg = TTTConfig(**cfg["ttt"]["adapt"])
+            self.index, self.encoder = load_index_and_encoder(cfg["ttt"]["index"])
+
+    def _digest(self) -> str | None:
+        from finemed_ray.ttt.adapt import weights_digest
+
+        return weights_digest(self.model) if self.cfg["ttt"]["verify_base"] else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        before = self._digest()
+        if self.ttt and self.adapt_cfg.method == "full":
+            preds, info = self._full_parameter(rows)
+        else:
+            lora, info = self._adapt(rows) if self.ttt else (None, [{} for _ in rows])
+            preds = self._answer(rows, lora)
+        if before is not None and self._digest() != before:
+            raise FinemedError("TTT changed the base model's weights (ttt.verify_base): this is a bug")
+        out = [{**p, **i} for p, i in zip(preds, info)]
+        return pa.Table.from_pylist([{**o, "extra": json.dumps({k: v for k, v in o.items() if k not in PRED_KEYS},
+                                                               default=str)} for o in out])
+
+    def _adapt(self, rows: list[dict]):
+        from finemed_ray.ttt.adapt import adapt_lora
+
+        t0 = time.time()
+        neighbours, distances = self.index.neighbours([r["question"] for r in rows], self.adapt_cfg.k, self.encoder)
+        t_retrieve = time.time() - t0
+        res = adapt_lora(self.model, self.tokenizer, [r["key"] for r in rows], neighbours, self.adapt_cfg)
+        info = [{"ttt_neighbours": [n.get("id") for n in nb], "ttt_distances": [round(float(d), 5) for d in dist],
+                 "ttt_retrieve_s": round(t_retrieve / len(rows), 4), "ttt_train_s": round(res.seconds / len(rows), 4),
+                 "ttt_batch": len(rows), "ttt_loss_first": res.losses[0] if res.losses else None,
+                 "ttt_loss_last": res.losses[-1] if res.losses else None}
+                for nb, dist in zip(neighbours, distances)]
+        return res.lora, info
+
+    def _answer(self, rows: list[dict], lora) -> list[dict]:
+        return self._loglik(rows, lora) if self.cfg["scoring"]["method"] == "loglik" else self._generate(rows, lora)
+
+    def _full_parameter(self, rows: list[dict]):
+        """The paper's variant: one question at a time, all weights updated, then restored bit for bit."""
+        from finemed_ray.ttt.adapt import full_update
+
+        neighbours, distances = self.index.neighbours([r["question"] for r in rows], self.adapt_cfg.k, self.encoder)
+        preds, info = [], []
+        for row, nb, dist in zip(rows, neighbours, distances):
+            with full_update(self.model, self.tokenizer, nb, self.adapt_cfg) as res:
+                preds += self._answer([row], None)
+            info.append({"ttt_neighbours": [n.get("id") for n in nb], "ttt_distances": [float(d) for d in dist],
+                         "ttt_train_s": round(res.seconds, 4), "ttt_batch": 1,
+                         "ttt_loss_first": res.losses[0] if res.losses else None,
+                         "ttt_loss_last": res.losses[-1] if res.losses else None})
+        return preds, info
+
+    def _loglik(self, rows: list[dict], lora) -> list[dict]:
+        import contextlib
+
+        import torch
+
+        from finemed_ray.eval.loglik import score_choices
+        from finemed_ray.eval.prompting import option_continuations
+
+        sc = self.cfg["scoring"]
+        out = []
+        attach = lora.attached() if lora is not None else contextlib.nullcontext()
+        with attach:
+            for q, row in enumerate(rows):
+                if lora is not None:
+                    lora.row_adapter = torch.tensor([q])
+                conts = option_continuations(_item(row), style=sc["continuation"])
+                messages = [m for m in row["messages"] if m["role"] != "system"]
+                scores = score_choices(self.model, self.tokenizer, messages, [c for _, c in conts],
+                                       system_prompt=self.cfg["prompt"]["system_prompt"], normalize=sc["normalize"])
+                best = max(range(len(conts)), key=lambda j: (scores[j], -j))
+                out.append({"benchmark": row["benchmark"], "id": row["id"], "gold": row["gold"],
+                            "pred": conts[best][0], "raw": json.dumps(dict(zip([k for k, _ in conts], scores))),
+                            "method": "loglik", "ttt": self.ttt})
+        return out
+
+    def _generate(self, rows: list[dict], lora) -> list[dict]:
+        requests = [{"key": r["key"], "messages": r["messages"], "adapter": q} for q, r in enumerate(rows)]
+        results = self.teacher.generate(requests, lora=lora)
+        return [_prediction(r, res["text"], res["error"], self.ttt, completion_tokens=res["completion_tokens"])
+                for r, res in zip(rows, results)]
+
+
+PRED_KEYS = ("benchmark", "id", "gold", "pred", "raw", "method", "ttt")
+
+
+# ------------------------------------------------------------------------------------------------ the job
+class Evaluation:
+    def __init__(self, cfg: EvalJobConfig):
+        self.cfg = cfg
+        self.cfg_dict = cfg.model_dump(mode="json")
+
+    def load(self) -> dict[str, BenchmarkSet]:
+        return load_benchmarks(self.cfg.benchmarks)
+
+    def predict(self, rows: list[dict], ttt: bool) -> list[dict]:
+        import ray.data
+
+        ds = ray.data.from_items(rows)
+        engine = self.cfg.engine
+        if not ttt and self.cfg.scoring.method == "generate":
+            from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+
+            teacher = make_teacher(TeacherSpec(**engine.model_dump()))
+            answered = teacher.map_dataset(ds).take_all()
+            return [_prediction(r, r["text"], r["error"], False, completion_tokens=r.get("completion_tokens"))
+                    for r in answered]
+        num_cpus = float((engine.extra or {}).get("num_cpus", 1.0))
+        out = ds.map_batches(
+            EvalWorker, fn_constructor_kwargs={"cfg": self.cfg_dict, "ttt": ttt}, batch_format="pyarrow",
+            batch_size=self.cfg.ttt.adapt.batch_questions if ttt else engine.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=engine.concurrency), num_cpus=num_cpus).take_all()
+        preds = []
+        for r in out:
+            extra = json.loads(r.pop("extra"))
+            preds.append({**{k: r[k] for k in PRED_KEYS}, **extra})
+        return preds
+
+    def run(self) -> dict[str, Any]:
+        from finemed_ray.eval.report import write_report
+
+        t0 = time.time()
+        sets = self.load()
+        rows = item_rows(sets, self.cfg_dict)
+        timings: dict[str, float] = {}
+        predictions: list[dict] = []
+        settings = ([False] if not self.cfg.ttt.enabled else ([False, True] if self.cfg.ttt.compare else [True]))
+        for ttt in settings:
+            t = time.time()
+            predictions += self.predict(rows, ttt)
+            timings["ttt" if ttt else "no_ttt"] = round(time.time() - t, 2)
+        meta = {
+            "name": self.cfg.name, "engine": {"backend": self.cfg.engine.backend, "model": self.cfg.engine.model},
+            "scoring": self.cfg_dict["scoring"], "prompt": self.cfg_dict["prompt"],
+            "ttt": self.cfg_dict["ttt"] if self.cfg.ttt.enabled else None, "seconds": timings,
+            "skipped": {name: [{"line": l, "id": i, "reason": r} for l, i, r in s.skipped] for name, s in sets.items()},
+            "items": {name: len(s) for name, s in sets.items()}, "total_seconds": round(time.time() - t0, 2),
+        }
+        baseline = self.cfg.output.baseline
+        if baseline and not baseline.endswith(".json"):
+            baseline = storage.join(baseline, "report.json")
+        report = write_report(self.cfg.output.path, predictions, baseline=baseline, meta=meta)
+        return report
