@@ -344,3 +344,61 @@ def test_dockerfile_matches_the_repo():
     copied = {a.rstrip("/") for ln in instructions if ln.upper().startswith("COPY ")
               for a in ln.split()[1:-1] if not a.startswith("--")}
     assert {"pyproject.toml", "README.md", "finemed_ray", "jobs", "serve", "configs"} <= copied
+
+
+# ------------------------------------------------------------------------------------------------ RayService
+RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
+RAYSERVICE_CRD = CRD_DIR / "ray.io_rayservices.yaml"
+
+
+@functools.lru_cache(maxsize=None)
+def rayservice_schema() -> dict:
+    crd = load_yaml(RAYSERVICE_CRD)
+    assert crd["spec"]["names"]["kind"] == "RayService"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.skipif(not RAYSERVICE_CRD.is_file(), reason=f"no RayService CRD at {CRD_DIR}")
+def test_rayservice_matches_crd():
+    m = load_yaml(RAYSERVICE)
+    assert m["apiVersion"] == "ray.io/v1" and m["kind"] == "RayService"
+    schema = rayservice_schema()
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(m)]
+    errors += [f"{p}: unknown field" for p in unknown_fields(m, schema)]
+    assert errors == []
+    broken = copy.deepcopy(m)
+    broken["spec"]["serveConfigV2"] = {"applications": []}  # must be a YAML *string*
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))
+
+
+def test_rayservice_matches_the_repo():
+    from finemed_ray.serving.config import ServeConfig
+
+    m = load_yaml(RAYSERVICE)
+    spec = m["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert Version(cluster["rayVersion"]) == ray_lower_bound()
+    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+    for c in containers:
+        assert cluster["rayVersion"] in c["image"].rsplit(":", 1)[1]
+        assert [e["secretRef"]["name"] for e in c.get("envFrom", [])] == ["finemed-s3"]
+    serve_cfg = yaml.safe_load(spec["serveConfigV2"])
+    (app,) = serve_cfg["applications"]
+    module, attr = app["import_path"].split(":")
+    assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), attr))
+    cfg = load_config(ServeConfig, ROOT / app["args"]["config"], app["args"]["overrides"])  # every override valid
+    assert cfg.http.host == "0.0.0.0" and serve_cfg["http_options"]["port"] == cfg.http.port
+    # Every engine replica and the TTT trainer get a GPU at the autoscaler's maximum.
+    gpus = sum(quantity(limits(g["template"]["spec"]["containers"][0]).get(GPU, 0)) * g["maxReplicas"]
+               for g in cluster["workerGroupSpecs"])
+    need = cfg.autoscaling.max_replicas * cfg.resources.engine_num_gpus + cfg.ttt.replicas * cfg.ttt.num_gpus
+    assert cfg.resources.engine_num_gpus >= 1 and need <= gpus, (need, gpus)
+    # The API key comes from a Secret, through the env var the config names.
+    env = {e["name"]: e for e in containers[0].get("env", [])}
+    assert "secretKeyRef" in env[cfg.security.api_key_env]["valueFrom"]
