@@ -1,7 +1,7 @@
 """Training tokens/s with padding-free packing (``train.packing=true``) versus padded batches, on conversations
 whose lengths vary the way real medical SFT data does.
 
-    .venv/bin/python -m bench.packing_throughput [--rows 600] [--batch 4] [--max-length 512] [--skip 3]
+    .venv/bin/python -m bench.packing_throughput [--rows 1200] [--batch 16] [--max-length 512] [--skip 3]
         [--source auto|pubmedqa|synthetic] [--pubmedqa-dir ../shared/data/benchmarks/pubmedqa]
 
 Writes ``bench/results/packing_throughput_<device>.json``.
@@ -99,8 +99,8 @@ def step_token_stats(seen_per_rank, prepared, batch: int, rows_per_worker: int, 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=4, help="per-device batch size (conversations per micro-batch)")
+    ap.add_argument("--rows", type=int, default=1200)
+    ap.add_argument("--batch", type=int, default=16, help="per-device batch size (conversations per micro-batch)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the steady-state figures")
