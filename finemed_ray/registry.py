@@ -12,10 +12,12 @@ def config_classes() -> dict[str, type]:
     from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
     from finemed_ray.synth.config import SynthJobConfig
     from finemed_ray.train.recipe import RecipeConfig
+    from finemed_ray.ttt.config import IndexJobConfig
     from finemed_ray.eval.config import EvalJobConfig
+    from finemed_ray.serving.config import ServeConfig
 
     return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "recipe": RecipeConfig, "synth": SynthJobConfig,
-            "eval": EvalJobConfig}
+            "eval": EvalJobConfig, "index": IndexJobConfig, "serve": ServeConfig}
 
 
 def config_class_for(path: str | Path) -> type:
