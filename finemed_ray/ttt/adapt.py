@@ -202,21 +202,49 @@ class BatchedLoRA:
             out[f"base_model.model.{t.name}.lora_B.weight"] = t.B[i].detach().clone().contiguous()
         return out
 
+    def peft_config(self, base_model_name: str | None = None) -> dict[str, Any]:
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+            "lora_dropout": 0.0, "bias": "none",
+            "target_modules": sorted({t.name.rsplit(".", 1)[-1] for t in self.targets}), "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+            "base_model_name_or_path": base_model_name or getattr(self.model.config, "_name_or_path", None),
+            "modules_to_save": None,
+        }
+
+    def payload(self, i: int, adapter_id: str, base_model_name: str | None = None) -> dict[str, Any]:
+        """Adapter ``i`` as a picklable dict (numpy tensors in peft's layout): what the TTT deployment hands to
+        an engine through the Ray object store."""
+        return {"id": adapter_id, "r": self.r, "alpha": self.alpha, "config": self.peft_config(base_model_name),
+                "tensors": {k: v.numpy() for k, v in self.state_dict(i).items()}}
+
+    @classmethod
+    def from_tensors(cls, model: nn.Module, payloads: Sequence[dict[str, Any]]) -> BatchedLoRA:
+        """A bank of given adapters (payloads from :meth:`payload`, same rank/alpha/targets) over ``model``."""
+        first = payloads[0]
+        for p in payloads[1:]:
+            if (p["r"], p["alpha"], p["config"]["target_modules"]) != (first["r"], first["alpha"],
+                                                                       first["config"]["target_modules"]):
+                raise ConfigError("adapters in one batch must share rank, alpha and target modules")
+        bank = cls(model, [p["id"] for p in payloads], r=first["r"], alpha=first["alpha"],
+                   target_modules=list(first["config"]["target_modules"]))
+        with torch.no_grad():
+            for t in bank.targets:
+                for i, p in enumerate(payloads):
+                    t.A[i].copy_(torch.as_tensor(p["tensors"][f"base_model.model.{t.name}.lora_A.weight"]))
+                    t.B[i].copy_(torch.as_tensor(p["tensors"][f"base_model.model.{t.name}.lora_B.weight"]))
+            for t in bank.targets:
+                t.A.requires_grad_(False)
+                t.B.requires_grad_(False)
+        return bank
+
     def save_peft(self, i: int, path: str, base_model_name: str | None = None) -> str:
         """Write adapter ``i`` as a peft LoRA directory that ``PeftModel.from_pretrained`` and vLLM load."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        modules = sorted({t.name.rsplit(".", 1)[-1] for t in self.targets})
-        config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
-            "lora_dropout": 0.0, "bias": "none", "target_modules": modules, "fan_in_fan_out": False,
-            "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
-            "base_model_name_or_path": base_model_name or getattr(self.model.config, "_name_or_path", None),
-            "modules_to_save": None,
-        }
         with open(os.path.join(path, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+            json.dump(self.peft_config(base_model_name), f, indent=2)
         save_file(self.state_dict(i), os.path.join(path, "adapter_model.safetensors"))
         return path
 
