@@ -77,8 +77,10 @@ class EvalJobConfig(StrictModel):
         if self.scoring.method == "loglik" and self.engine.backend != "hf":
             raise ValueError(f"scoring.method=loglik needs engine.backend=hf (token log-probabilities of every "
                              f"option); got {self.engine.backend!r}")
-        if self.ttt.enabled and self.engine.backend == "http":
-            raise ValueError("ttt.enabled: an http engine cannot be adapted; use hf or vllm")
+        if self.ttt.enabled and self.engine.backend != "hf":
+            raise ValueError(f"ttt.enabled: the evaluation job adapts and answers on the transformers engine "
+                             f"(engine.backend=hf), got {self.engine.backend!r}; TTT on vLLM (LoRARequest) is "
+                             f"served by the Serve app (finemed_ray/serving)")
         if self.prompt.mode == "question" and self.scoring.method == "generate":
             raise ValueError("prompt.mode=question lists no options, so generated letters mean nothing: "
                              "use scoring.method=loglik")

