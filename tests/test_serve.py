@@ -236,3 +236,17 @@ def test_bounded_load_has_no_5xx(apps, engine):
         statuses = list(pool.map(one, range(200)))
     assert len(statuses) == 200 and all(s == 200 for s in statuses), sorted(set(statuses))
     assert time.time() - t0 < 600
+
+
+def test_app_builder_validates_the_config_before_anything_starts():
+    from ray.serve import Application
+
+    from finemed_ray.errors import ConfigError
+    from serve.app import app_builder
+
+    app = app_builder({"config": str(ROOT / "configs/serve_tiny.yaml"), "overrides": ["model.path=/models/x"]})
+    assert isinstance(app, Application)
+    with pytest.raises(ConfigError, match="ttt.index"):
+        app_builder({"config": str(ROOT / "configs/serve_tiny.yaml"), "overrides": "model.path=/m,ttt.enabled=true"})
+    with pytest.raises(ConfigError, match="model.id"):
+        app_builder({"config": str(ROOT / "configs/serve_tiny.yaml"), "overrides": ["model.id=../x"]})

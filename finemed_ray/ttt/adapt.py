@@ -66,6 +66,10 @@ class TTTConfig(StrictModel):
         "You are a helpful professional doctor.", description="System turn added to neighbour examples (paper's)."
     )
     batch_questions: int = Field(8, ge=1, description="Questions adapted together in one batched pass.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute layer activations in the backward pass: TTT's extra memory becomes a small "
+        "fraction of the model's (measured in bench/ttt.py) for some extra compute."
+    )
     seed: int = Field(0, description="Seed of the adapter initialisation (per question).")
 
 
@@ -293,6 +297,25 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing for the duration (transformers only checkpoints in train mode; Llama-style models
+    have no dropout at their default settings, so train mode computes the same numbers), then back as it was."""
+    supported = enabled and getattr(model, "supports_gradient_checkpointing", False)
+    if not supported:
+        yield
+        return
+    was_on, was_training = getattr(model, "is_gradient_checkpointing", False), model.training
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        if not was_on:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+
+
 @dataclass
 class AdaptResult:
     lora: BatchedLoRA | None
@@ -322,7 +345,7 @@ def adapt_lora(model: nn.Module, tokenizer: Any, keys: Sequence[str], neighbours
         was_training = model.training
         model.eval()
         try:
-            with frozen(model), lora.attached():
+            with frozen(model), lora.attached(), checkpointing(model, cfg.gradient_checkpointing):
                 for _ in range(cfg.steps):
                     lora.row_adapter = batch["question"]
                     loss = per_question_loss(model, batch, len(keys))
