@@ -41,12 +41,15 @@ def load_run(url: str, questions: list[str], n: int, concurrency: int, max_token
              extra: dict | None = None) -> dict[str, Any]:
     import httpx
 
+    # One pooled client for all threads (keep-alive connections, as a real client library would hold).
+    http = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=concurrency,
+                                                         max_keepalive_connections=concurrency))
+
     def one(i: int) -> tuple[float, int, int]:
         body = {"model": "finemed-tiny", "max_tokens": max_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": questions[i % len(questions)]}], **(extra or {})}
         t0 = time.perf_counter()
-        with httpx.Client(timeout=300) as http:
-            r = http.post(url + "/v1/chat/completions", json=body)
+        r = http.post(url + "/v1/chat/completions", json=body)
         dt = time.perf_counter() - t0
         tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
         return dt, r.status_code, tokens
@@ -55,6 +58,7 @@ def load_run(url: str, questions: list[str], n: int, concurrency: int, max_token
     with cf.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
+    http.close()
     lat = [r[0] for r in results]
     errors = sum(r[1] != 200 for r in results)
     tokens = sum(r[2] for r in results)
@@ -99,7 +103,7 @@ async def vllm_alone(model_dir: str, prompts: list[list[int]], n: int, concurren
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
-    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ttt-requests", type=int, default=4)

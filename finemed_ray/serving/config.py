@@ -41,6 +41,9 @@ class AutoscalingSection(StrictModel):
     max_replicas: int = Field(2, ge=1, description="Most engine replicas.")
     target_ongoing_requests: float = Field(4.0, gt=0, description="Requests per replica the autoscaler aims at.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (null = min_replicas).")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one engine replica accepts at once (vLLM batches them); above, Serve queues."
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingSection:
@@ -96,6 +99,10 @@ class ServeResources(StrictModel):
     engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (vLLM on GPU: 1 or more).")
     ingress_num_cpus: float = Field(0.25, gt=0, description="CPUs per ingress replica.")
     ingress_replicas: int = Field(1, ge=1, description="Ingress (FastAPI) replicas.")
+    ingress_max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one ingress replica handles at once (it mostly awaits the engine; Serve's "
+        "default of 5 would queue and back off at the proxy)."
+    )
 
 
 class ServeHttpSection(StrictModel):
