@@ -59,6 +59,7 @@ def _mcq_accuracy(model_uri: str, items: list[dict]) -> float:
                                synthetic_option_fact_continuations)["accuracy"]
 
 
+@pytest.mark.slow  # the three-stage curriculum (~4 min on 2 cores): make test-slow, run by CI
 def test_curriculum_learns_the_facts_far_above_chance(curriculum):
     acc = curriculum["accuracy"]
     print("held-out MCQ accuracy:", acc)
@@ -68,6 +69,7 @@ def test_curriculum_learns_the_facts_far_above_chance(curriculum):
     assert acc["curriculum-tiny-stage3-endocrinology"] >= 0.6  # after the whole curriculum (measured 0.73)
 
 
+@pytest.mark.slow  # the three-stage curriculum (~4 min on 2 cores): make test-slow, run by CI
 def test_each_stage_starts_from_the_previous_export(curriculum):
     metas, cfgs = curriculum["metas"], curriculum["cfgs"]
     assert metas[0]["parent_model"].endswith("models/tiny")
@@ -78,6 +80,7 @@ def test_each_stage_starts_from_the_previous_export(curriculum):
     assert all(storage.is_complete(c.output.export_path) for c in cfgs)
 
 
+@pytest.mark.slow  # the three-stage curriculum (~4 min on 2 cores): make test-slow, run by CI
 def test_department_filters_narrow_what_was_trained(curriculum):
     rows, seen = curriculum["rows"], curriculum["seen"]
     depts = [{(rows[i]["department"], rows[i]["subdepartment"]) for i in s} for s in seen]
@@ -92,6 +95,7 @@ def test_department_filters_narrow_what_was_trained(curriculum):
     assert prep[2]["rows_train"] == n_endo
 
 
+@pytest.mark.slow  # the three-stage curriculum (~4 min on 2 cores): make test-slow, run by CI
 def test_stage1_holds_out_an_eval_split_and_reports_eval_loss(curriculum):
     meta = curriculum["metas"][0]
     prep = meta["prepare"]
@@ -111,6 +115,7 @@ def _eval_ids(cfg):
     return {i for i, s in zip(t.column("id").to_pylist(), t.column("split").to_pylist()) if s == "eval"}
 
 
+@pytest.mark.slow  # the three-stage curriculum (~4 min on 2 cores): make test-slow, run by CI
 def test_filter_selecting_nothing_names_the_filter(curriculum, tiny_model_s3):
     from finemed_ray.data.sft_prepare import RowSelection, prepare_sft
 

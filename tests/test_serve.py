@@ -250,3 +250,34 @@ def test_app_builder_validates_the_config_before_anything_starts():
         app_builder({"config": str(ROOT / "configs/serve_tiny.yaml"), "overrides": "model.path=/m,ttt.enabled=true"})
     with pytest.raises(ConfigError, match="model.id"):
         app_builder({"config": str(ROOT / "configs/serve_tiny.yaml"), "overrides": ["model.id=../x"]})
+
+
+def test_engine_replicas_autoscale_under_load(cluster, tiny_model_dir):
+    """autoscaling_config from the config: 1 engine replica at rest, a second one under sustained load."""
+    from ray import serve
+
+    from finemed_ray.serving.app import build_app
+
+    cfg = load_config(ServeConfig, ROOT / "configs/serve_tiny.yaml", [
+        f"model.path={tiny_model_dir}", "model.engine=hf", "model.device=cpu", "model.max_model_len=512",
+        "security.api_key_env=null", "autoscaling.min_replicas=1", "autoscaling.max_replicas=2",
+        "autoscaling.target_ongoing_requests=1", "autoscaling.upscale_delay_s=1", "autoscaling.downscale_delay_s=600",
+        "resources.engine_num_cpus=0.5", "resources.ingress_num_cpus=0.1", "batching.max_batch_size=2"])
+    serve.run(build_app(cfg), name="auto", route_prefix="/auto")
+    base = f"http://127.0.0.1:{cluster}/auto"
+
+    def replicas() -> int:
+        dep = serve.status().applications["auto"].deployments["engine"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    assert replicas() == 1
+    body = {"model": "finemed-tiny", "max_tokens": 64, "temperature": 0,
+            "messages": [{"role": "user", "content": QUESTIONS[0]}]}
+    deadline = time.time() + 120
+    with httpx.Client(timeout=120) as http, cf.ThreadPoolExecutor(8) as pool:
+        while time.time() < deadline and replicas() < 2:
+            codes = list(pool.map(lambda _: http.post(base + "/v1/chat/completions", json=body).status_code,
+                                  range(16)))
+            assert set(codes) == {200}
+    assert replicas() == 2
+    serve.delete("auto")

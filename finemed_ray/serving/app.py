@@ -354,6 +354,7 @@ def build_app(cfg: ServeConfig):
         name="engine",
         autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                             "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
                             "initial_replicas": a.initial_replicas if a.initial_replicas is not None
                             else max(1, a.min_replicas)},
         max_ongoing_requests=a.max_ongoing_requests,

@@ -44,6 +44,8 @@ class AutoscalingSection(StrictModel):
     max_ongoing_requests: int = Field(
         64, ge=1, description="Requests one engine replica accepts at once (vLLM batches them); above, Serve queues."
     )
+    upscale_delay_s: float = Field(30.0, ge=0, description="Load must persist this long before adding replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Idle this long before removing replicas.")
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingSection:
