@@ -163,11 +163,9 @@ def _ingress_deployment():
             self.tokenizer = load_tokenizer(self.cfg.model.path)
 
         def _count_tokens(self, req: GenRequest) -> int:
-            if req.messages is not None:
-                text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-            else:
-                text = req.prompt or ""
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            from finemed_ray.serving.engines import prompt_ids
+
+            return len(prompt_ids(self.tokenizer, req))
 
         # ------------------------------------------------------------------------------------ checks
         def _auth(self, request: Request) -> None:

@@ -56,6 +56,15 @@ class GenResult:
     finish_reason: str  # "stop" | "length"
 
 
+def prompt_ids(tokenizer: Any, req: GenRequest) -> list[int]:
+    """Token ids of a chat request (rendered with the chat template and its generation prompt) or a raw prompt."""
+    if req.messages is not None:
+        text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = req.prompt or ""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -82,11 +91,7 @@ class HFEngine:
             self.stop_ids.add(int(self.tokenizer.eos_token_id))
 
     def prompt_ids(self, req: GenRequest) -> list[int]:
-        if req.messages is not None:
-            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = req.prompt or ""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.tokenizer, req)
 
     def count_tokens(self, req: GenRequest) -> int:
         return len(self.prompt_ids(req))
@@ -178,11 +183,7 @@ class VLLMEngine:
         self._users: dict[int, int] = {}  # lora_int_id -> requests using it now
 
     def prompt_ids(self, req: GenRequest) -> list[int]:
-        if req.messages is not None:
-            text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = req.prompt or ""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.tokenizer, req)
 
     def count_tokens(self, req: GenRequest) -> int:
         return len(self.prompt_ids(req))

@@ -453,11 +453,12 @@ class SynthesisPipeline:
 
     def reward_model_judge(self, docs):
         """Pick between the two common answers with a reward model (higher score wins) instead of a teacher."""
+        import ray.data
         from ray.data.expressions import col
 
         cond = (col("status") == ACTIVE) & (col("kind") == "common")
         judged = docs.filter(expr=cond).map_batches(
-            RewardModelJudge, batch_format="pyarrow", concurrency=1, batch_size=16,
+            RewardModelJudge, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), batch_size=16,
             fn_constructor_kwargs={"model_path": self.cfg.answers.reward_model})
         out = docs.filter(expr=~cond).union(judged).materialize()
         self.stats.append(StepStats(step="judge", teacher=f"reward_model:{self.cfg.answers.reward_model}"))

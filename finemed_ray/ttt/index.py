@@ -262,7 +262,7 @@ def build_index(
         batch_format="pyarrow",
         batch_size=max(spec.batch_size, 256),  # the encoder sub-batches; a bigger batch sorted by length pads less
         fn_constructor_kwargs=dict(spec=spec.model_dump(), kind=pool_kind, fmt=fmt, device=device),
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None,
     )
