@@ -35,8 +35,9 @@ def evaluate_with_ttt(model_uri: str, index_uri: str, out_uri: str) -> dict[str,
     report = Evaluation(cfg).run()
     s = report["scores"]["facts-heldout"]
     print(f"[7/8] evaluation on {s['no_ttt']['n']} held-out questions (log-likelihood): without TTT "
-          f"{s['no_ttt']['accuracy']:.3f}, with TTT {s['ttt']['accuracy']:.3f} -> {out_uri}/report/report.md",
-          flush=True)
+          f"{s['no_ttt']['accuracy']:.3f}, with TTT {s['ttt']['accuracy']:.3f} -> {out_uri}/report/report.md\n"
+          f"  (an illustration on a tiny model whose facts are already trained; the controlled proof that TTT adds "
+          f"knowledge is tests/test_evaluate_ttt.py)", flush=True)
     return {"no_ttt": s["no_ttt"]["accuracy"], "ttt": s["ttt"]["accuracy"], "report": f"{out_uri}/report"}
 
 
@@ -61,7 +62,8 @@ def serve_and_ask(model_dir: str, index_uri: str, question: str) -> dict[str, An
     try:
         serve.run(build_app(cfg), name="demo", route_prefix="/")
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
-        messages = [{"role": "user", "content": question}]
+        messages = [{"role": "system", "content": "You are a helpful professional doctor."},  # as in training
+                    {"role": "user", "content": question}]
         plain = client.chat.completions.create(model=cfg.model.id, messages=messages, max_tokens=40, temperature=0)
         ttt = client.chat.completions.create(model=cfg.model.id, messages=messages, max_tokens=40, temperature=0,
                                              extra_body={"ttt": {"k": 3, "steps": 2}})

@@ -31,7 +31,10 @@ def test_demo_runs_end_to_end():
     assert all(s["global_step"] == s["plan"]["max_steps"] > 0 for s in stages)
     assert stages[0]["data"]["rows_quarantined"] == 7 and stages[0]["data"]["rows_valid"] == 192
     assert stages[-1]["data"]["rows_quarantined"] > 0  # the broken DPO pairs
-    assert all(s["last_loss"] < s["first_loss"] for s in stages[:4])
+    # Stage 1 and reasoning SFT learn new text: the loss falls. Stages 2-3 revisit facts stage 1 already learnt
+    # (their loss starts near zero and moves by noise): it must stay near zero, i.e. nothing is forgotten.
+    assert all(s["last_loss"] < 0.5 * s["first_loss"] for s in (stages[0], stages[3]))
+    assert all(s["first_loss"] < 0.1 and s["last_loss"] < 0.1 for s in stages[1:3])
     assert set(summary["heldout_mcq_accuracy"]) >= {"base", "finemed-tiny-dpo"}
     assert summary["dpo_heldout"]["n"] == 64
     assert summary["demo_reply"]["reply"].strip()
@@ -39,4 +42,4 @@ def test_demo_runs_end_to_end():
     ev = summary["evaluation"]
     assert 0 <= ev["no_ttt"] <= 1 and 0 <= ev["ttt"] <= 1
     served = summary["serving"]
-    assert served["plain"] is not None and served["ttt_info"]["applied"] and len(served["ttt_info"]["neighbours"]) == 3
+    assert served["plain"].strip() and served["ttt_info"]["applied"] and len(served["ttt_info"]["neighbours"]) == 3
