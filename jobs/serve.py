@@ -17,19 +17,15 @@ from finemed_ray.serving.config import ServeConfig
 
 
 def start(cfg: ServeConfig, blocking: bool = True) -> dict:
-    import ray
     from ray import serve
 
     from finemed_ray.serving.app import build_app
 
-    if not ray.is_initialized():
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address)
-        else:
-            try:
-                ray.init(address="auto")
-            except ConnectionError:
-                ray.init(address="local", num_cpus=cfg.ray.local_num_cpus, include_dashboard=False)
+    from finemed_ray.train.sft import ensure_ray_address
+
+    # ray.address, RAY_ADDRESS (a RayService / `ray job submit`), else a fresh local cluster -- never address="auto",
+    # which can pick up a stale cluster address left in /tmp/ray and hang.
+    ensure_ray_address(cfg.ray.address, cfg.ray.local_num_cpus)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.http.route_prefix)
     prefix = cfg.http.route_prefix.rstrip("/")
