@@ -87,9 +87,6 @@ def _engine_deployment():
             async for event in self.engine.stream(req):
                 yield event
 
-        def count_tokens(self, req: GenRequest) -> int:
-            return self.engine.count_tokens(req)
-
     return EngineDeployment
 
 

@@ -93,9 +93,6 @@ class HFEngine:
     def prompt_ids(self, req: GenRequest) -> list[int]:
         return prompt_ids(self.tokenizer, req)
 
-    def count_tokens(self, req: GenRequest) -> int:
-        return len(self.prompt_ids(req))
-
     async def generate_batch(self, reqs: list[GenRequest]) -> list[GenResult]:
         return await asyncio.to_thread(self._generate_batch, reqs)
 
@@ -184,9 +181,6 @@ class VLLMEngine:
 
     def prompt_ids(self, req: GenRequest) -> list[int]:
         return prompt_ids(self.tokenizer, req)
-
-    def count_tokens(self, req: GenRequest) -> int:
-        return len(self.prompt_ids(req))
 
     def _lora_request(self, adapter: dict[str, Any]):
         from vllm.lora.request import LoRARequest
