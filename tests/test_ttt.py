@@ -43,7 +43,8 @@ def task():
     return items, neighbours
 
 
-CFG = TTTConfig(steps=8, lr=1e-2, r=8)
+CFG = TTTConfig(top_layers=None, steps=8, lr=1e-2, r=8)  # every layer (the tiny model has 2)
+CFG_TOP = CFG.model_copy(update={"top_layers": 1})  # the top layer only; the one below runs once per batch
 
 
 def ttt_accuracy(model, tok, items, lora) -> float:
@@ -55,31 +56,33 @@ def ttt_accuracy(model, tok, items, lora) -> float:
     return correct / len(items)
 
 
-def test_adapters_learn_their_own_facts_and_leave_the_base_untouched(model_and_tokenizer, task):
+@pytest.mark.parametrize("cfg", [CFG, CFG_TOP], ids=["all-layers", "top-layer"])
+def test_adapters_learn_their_own_facts_and_leave_the_base_untouched(model_and_tokenizer, task, cfg):
     model, tok = model_and_tokenizer
     items, neighbours = task
     before = weights_digest(model)
     base = mcq_loglik_accuracy(model, tok, items, synthetic_fact_continuations)["accuracy"]
-    res = adapt_lora(model, tok, [it["id"] for it in items], neighbours, CFG)
+    res = adapt_lora(model, tok, [it["id"] for it in items], neighbours, cfg)
     assert res.examples == 24 and res.losses[-1] < 0.9 * res.losses[0]
     assert ttt_accuracy(model, tok, items, res.lora) >= 0.75 > base + 0.3
     # Adapters of *other* questions do not help (what is learnt is each question's own neighbours):
-    shifted = adapt_lora(model, tok, [it["id"] for it in items], neighbours[1:] + neighbours[:1], CFG)
+    shifted = adapt_lora(model, tok, [it["id"] for it in items], neighbours[1:] + neighbours[:1], cfg)
     assert ttt_accuracy(model, tok, items, shifted.lora) <= base + 0.25
     # A zero-step adaptation is a no-op: same accuracy as the base model.
-    noop = adapt_lora(model, tok, [it["id"] for it in items], neighbours, CFG.model_copy(update={"steps": 0}))
+    noop = adapt_lora(model, tok, [it["id"] for it in items], neighbours, cfg.model_copy(update={"steps": 0}))
     assert ttt_accuracy(model, tok, items, noop.lora) == base
     assert weights_digest(model) == before
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
-def test_batched_adapters_equal_one_question_at_a_time(model_and_tokenizer, task):
+@pytest.mark.parametrize("cfg", [CFG, CFG_TOP], ids=["all-layers", "top-layer"])
+def test_batched_adapters_equal_one_question_at_a_time(model_and_tokenizer, task, cfg):
     model, tok = model_and_tokenizer
     items, neighbours = task
     keys = [it["id"] for it in items[:4]]
-    together = adapt_lora(model, tok, keys, neighbours[:4], CFG)
+    together = adapt_lora(model, tok, keys, neighbours[:4], cfg)
     for q in range(4):
-        alone = adapt_lora(model, tok, [keys[q]], [neighbours[q]], CFG)
+        alone = adapt_lora(model, tok, [keys[q]], [neighbours[q]], cfg)
         for a, b in zip(together.lora.targets, alone.lora.targets):
             torch.testing.assert_close(a.A[q], b.A[0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(a.B[q], b.B[0], rtol=1e-5, atol=1e-6)
@@ -99,13 +102,14 @@ def test_plain_rows_in_a_mixed_batch_are_bit_exact(model_and_tokenizer, task):
     assert not torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[2], base[2])
 
 
-def test_peft_export_reproduces_the_hooked_model(model_and_tokenizer, task, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("cfg", [CFG, CFG_TOP], ids=["all-layers", "top-layer"])
+def test_peft_export_reproduces_the_hooked_model(model_and_tokenizer, task, tmp_path, tiny_model_dir, cfg):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model, tok = model_and_tokenizer
     items, neighbours = task
-    res = adapt_lora(model, tok, [it["id"] for it in items[:2]], neighbours[:2], CFG)
+    res = adapt_lora(model, tok, [it["id"] for it in items[:2]], neighbours[:2], cfg)
     path = res.lora.save_peft(1, str(tmp_path / "adapter"), base_model_name=str(tiny_model_dir))
     fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(fresh, path).eval()
@@ -118,6 +122,41 @@ def test_peft_export_reproduces_the_hooked_model(model_and_tokenizer, task, tmp_
         base = model(input_ids=ids).logits
     torch.testing.assert_close(exported, hooked, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(exported, base)
+
+
+def test_top_layers_adapt_only_the_top_and_run_the_layers_below_once(model_and_tokenizer, task, monkeypatch):
+    import contextlib
+
+    import finemed_ray.ttt.adapt as adapt_mod
+    from finemed_ray.ttt.adapt import decoder_layers
+
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    keys = [it["id"] for it in items[:3]]
+    layers = decoder_layers(model)
+    calls = [0] * len(layers)
+    # count calls of each layer's MLP: it runs only when the layer really computes
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(layers)]
+    try:
+        res = adapt_lora(model, tok, keys, neighbours[:3], CFG_TOP)
+    finally:
+        for h in handles:
+            h.remove()
+    assert {t.name.split(".layers.")[1].split(".")[0] for t in res.lora.targets} == {str(len(layers) - 1)}
+    # 8 steps: the top layer runs forward + recomputation (checkpointing) every step; the one below runs its own
+    # forward once, and every later step reuses its output (its forward is an identity/lookup, no computation).
+    assert calls[-1] == 2 * CFG_TOP.steps and calls[:-1] == [1] * (len(layers) - 1)
+    assert all(not hasattr(layer, "forward") or "forward" not in layer.__dict__ for layer in layers)  # restored
+    # Same adapters as recomputing everything every step without checkpointing (the shortcut changes no number).
+    monkeypatch.setattr(adapt_mod, "reuse_frozen_prefix", lambda m, first: contextlib.nullcontext())
+    slow = adapt_lora(model, tok, keys, neighbours[:3], CFG_TOP.model_copy(update={"gradient_checkpointing": False}))
+    assert slow.losses == pytest.approx(res.losses, rel=1e-5)
+    for a, b in zip(res.lora.targets, slow.lora.targets):
+        torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.B, b.B, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="whole number of layers"):
+        TTTConfig(top_layers=1.5)
 
 
 def test_generation_with_per_row_adapters_through_the_hf_engine(tiny_model_dir, task):

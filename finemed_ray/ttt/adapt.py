@@ -31,13 +31,14 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from finemed_ray.config import StrictModel
@@ -61,6 +62,12 @@ class TTTConfig(StrictModel):
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGETS), min_length=1, description="Linear module names to adapt."
     )
+    top_layers: int | float | None = Field(
+        0.5, gt=0, description="Decoder layers that get adapters, counted from the top: an integer N = the top N "
+        "layers, a fraction in (0, 1) = that share of the model's layers (rounded up), null = all. The layers below "
+        "run once per batch without autograd (their output is reused by every step), so a step costs only the "
+        "adapted layers; on the TTT proof task the top half learns the facts as well as all layers "
+        "(tests/test_evaluate_ttt.py).")
     max_length: int = Field(512, ge=8, description="Longest neighbour example in tokens (longer ones are cut).")
     system_prompt: str | None = Field(
         "You are a helpful professional doctor.", description="System turn added to neighbour examples (paper's)."
@@ -71,6 +78,15 @@ class TTTConfig(StrictModel):
         "fraction of the model's (measured in bench/ttt.py) for some extra compute."
     )
     seed: int = Field(0, description="Seed of the adapter initialisation (per question).")
+
+    @field_validator("top_layers")
+    @classmethod
+    def _whole_or_fraction(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, float) and v >= 1:
+            if not v.is_integer():
+                raise ValueError(f"{v}: a whole number of layers, or a fraction below 1")
+            return int(v)
+        return v
 
 
 # ------------------------------------------------------------------------------------------------ examples
@@ -117,6 +133,80 @@ def build_examples(tokenizer: Any, neighbours: Sequence[Sequence[dict]], cfg: TT
     return out
 
 
+# ------------------------------------------------------------------------------------------------ layers
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _layer_index(module_name: str) -> int | None:
+    m = _LAYER_RE.search(module_name)
+    return int(m.group(1)) if m else None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of decoder layers (``model.model.layers`` for Llama-style models), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module):
+            return module
+    return None
+
+
+def adapted_layers(model: nn.Module, top_layers: int | float | None) -> list[int] | None:
+    """Indices of the decoder layers TTT adapts (see ``TTTConfig.top_layers``); None = all layers."""
+    if top_layers is None:
+        return None
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ConfigError("ttt.top_layers: the model has no `layers` module list; set top_layers: null")
+    n = len(layers)
+    if isinstance(top_layers, float) and top_layers < 1:
+        count = max(1, math.ceil(top_layers * n))
+    elif float(top_layers).is_integer():
+        count = int(top_layers)
+    else:
+        raise ConfigError(f"ttt.top_layers={top_layers}: use a whole number of layers or a fraction below 1")
+    if count >= n:
+        return None
+    return list(range(n - count, n))
+
+
+@contextmanager
+def reuse_frozen_prefix(model: nn.Module, first_adapted: int) -> Iterator[None]:
+    """While the same batch is run several times, compute the decoder layers below ``first_adapted`` once.
+
+    Those layers carry no adapter and are frozen, so their output is the same at every step (and needs no
+    autograd). The first forward records the output of layer ``first_adapted - 1``; later forwards skip the
+    layers below (identity) and return the recorded tensor from that layer. Only used for layers whose forward
+    returns a tensor of the input's shape (transformers' decoder layers); otherwise nothing is changed."""
+    layers = decoder_layers(model)
+    if layers is None or first_adapted <= 0:
+        yield
+        return
+    prefix = list(layers)[:first_adapted]
+    boundary = prefix[-1]
+    state: dict[str, torch.Tensor] = {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(output, torch.Tensor) and isinstance(hidden, torch.Tensor) and output.shape == hidden.shape:
+            state["out"] = output.detach()
+            handle.remove()
+            _skip_prefix()
+
+    def _skip_prefix() -> None:
+        out = state["out"]
+        for layer in prefix[:-1]:
+            layer.forward = lambda hidden_states, *a, **k: hidden_states  # instance attribute shadows the method
+        boundary.forward = lambda hidden_states, *a, **k: out
+
+    handle = boundary.register_forward_hook(record, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer in prefix:
+            layer.__dict__.pop("forward", None)
+
+
 # ------------------------------------------------------------------------------------------------ batched LoRA
 def _init_seed(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16)
@@ -143,8 +233,11 @@ class BatchedLoRA:
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     seed: int = 0
+    layers: list[int] | None = None  # decoder layer indices to adapt; None = every layer
     targets: list[_Target] = field(init=False)
     row_adapter: torch.Tensor | None = field(init=False, default=None)
+    _cache_for: Any = field(init=False, default=None, repr=False)  # the row_adapter the gathered cache is for
+    _cache: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -155,6 +248,11 @@ class BatchedLoRA:
                  if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in wanted]
         if not found:
             raise ConfigError(f"ttt.target_modules={sorted(wanted)}: no nn.Linear module of the model has these names")
+        if self.layers is not None:
+            keep = set(self.layers)
+            found = [(n, m) for n, m in found if _layer_index(n) in keep]
+            if not found:
+                raise ConfigError(f"ttt: no target module in decoder layers {sorted(keep)}")
         self.scale = self.alpha / self.r
         n = len(self.keys)
         self.targets = []
@@ -174,9 +272,18 @@ class BatchedLoRA:
     def _hook(self, target: _Target):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             idx = self.row_adapter
-            if idx is None or bool((idx < 0).all()):
+            if idx is None:
                 return output
             x = inputs[0]
+            if not torch.is_grad_enabled():  # generation/scoring: the same rows for every step of this batch
+                a_t, b_t, on = self._gathered(target, idx, x.shape[0], x.device)
+                if a_t is None:
+                    return output
+                delta = torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t)
+                return output + (delta if on is None else delta * on).to(output.dtype)
+            self._cache_for = None  # training changes the adapters: nothing gathered earlier stays valid
+            if bool((idx < 0).all()):
+                return output
             if idx.numel() == 1 and x.shape[0] != 1:  # one adapter for every row of this batch
                 idx = idx.reshape(1).expand(x.shape[0])
             sel = idx.clamp(min=0).to(x.device)
@@ -188,6 +295,26 @@ class BatchedLoRA:
 
         return hook
 
+    def _gathered(self, target: _Target, idx: torch.Tensor, rows: int, device: torch.device):
+        """Row ``i``'s adapter as transposed, pre-scaled matrices (``[rows, in, r]``, ``[rows, r, out]``) and the
+        row mask (None when every row has an adapter), built once per ``row_adapter`` and target: a decode step
+        then costs two small batched matmuls per target instead of a gather, two einsums and a mask."""
+        if self._cache_for is not idx:
+            self._cache_for, self._cache = idx, {}
+        key = (target.name, rows)
+        if key not in self._cache:
+            if idx.numel() == 1 and rows != 1:
+                idx = idx.reshape(1).expand(rows)
+            if bool((idx < 0).all()):
+                self._cache[key] = (None, None, None)
+            else:
+                sel = idx.clamp(min=0).to(device)
+                a_t = target.A[sel].detach().transpose(1, 2).contiguous()
+                b_t = (target.B[sel].detach() * self.scale).transpose(1, 2).contiguous()
+                on = None if bool((idx >= 0).all()) else (idx >= 0).to(a_t.dtype).to(device)[:, None, None]
+                self._cache[key] = (a_t, b_t, on)
+        return self._cache[key]
+
     @contextmanager
     def attached(self) -> Iterator[BatchedLoRA]:
         handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
@@ -197,6 +324,7 @@ class BatchedLoRA:
             for h in handles:
                 h.remove()
             self.row_adapter = None
+            self._cache_for, self._cache = None, {}
 
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Adapter ``i`` in peft's key layout (``base_model.model.<module>.lora_A.weight``)."""
@@ -212,6 +340,8 @@ class BatchedLoRA:
             "lora_dropout": 0.0, "bias": "none",
             "target_modules": sorted({t.name.rsplit(".", 1)[-1] for t in self.targets}), "fan_in_fan_out": False,
             "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+            "layers_to_transform": sorted(self.layers) if self.layers is not None else None,
+            "layers_pattern": "layers" if self.layers is not None else None,
             "base_model_name_or_path": base_model_name or getattr(self.model.config, "_name_or_path", None),
             "modules_to_save": None,
         }
@@ -227,11 +357,13 @@ class BatchedLoRA:
         """A bank of given adapters (payloads from :meth:`payload`, same rank/alpha/targets) over ``model``."""
         first = payloads[0]
         for p in payloads[1:]:
-            if (p["r"], p["alpha"], p["config"]["target_modules"]) != (first["r"], first["alpha"],
-                                                                       first["config"]["target_modules"]):
-                raise ConfigError("adapters in one batch must share rank, alpha and target modules")
+            shape = (p["r"], p["alpha"], p["config"]["target_modules"], p["config"].get("layers_to_transform"))
+            if shape != (first["r"], first["alpha"], first["config"]["target_modules"],
+                         first["config"].get("layers_to_transform")):
+                raise ConfigError("adapters in one batch must share rank, alpha, target modules and layers")
         bank = cls(model, [p["id"] for p in payloads], r=first["r"], alpha=first["alpha"],
-                   target_modules=list(first["config"]["target_modules"]))
+                   target_modules=list(first["config"]["target_modules"]),
+                   layers=first["config"].get("layers_to_transform"))
         with torch.no_grad():
             for t in bank.targets:
                 for i, p in enumerate(payloads):
@@ -306,7 +438,13 @@ def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
         return
     was_on, was_training = getattr(model, "is_gradient_checkpointing", False), model.training
+    had_input_grads = bool(getattr(model, "_require_grads_hooks", None))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not had_input_grads and hasattr(model, "disable_input_require_grads"):
+        # transformers also makes the embedding output require grad (for reentrant checkpointing); non-reentrant
+        # does not need it, and with it every frozen layer below the adapters would be recomputed and
+        # back-propagated through for nothing
+        model.disable_input_require_grads()
     model.train()
     try:
         yield
@@ -314,6 +452,12 @@ def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         if not was_on:
             model.gradient_checkpointing_disable()
         model.train(was_training)
+
+
+def _adam_kwargs() -> dict[str, Any]:
+    # fused Adam (CPU and CUDA in torch >= 2.4) updates in place, without foreach's temporary copy of every state
+    # tensor: less peak memory per adaptation
+    return {"fused": True}
 
 
 @dataclass
@@ -335,17 +479,21 @@ def adapt_lora(model: nn.Module, tokenizer: Any, keys: Sequence[str], neighbours
     if len(keys) != len(neighbours):
         raise ValueError(f"{len(keys)} keys for {len(neighbours)} neighbour lists")
     t0 = time.time()
-    lora = BatchedLoRA(model, list(keys), r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules, seed=cfg.seed)
+    layers = adapted_layers(model, cfg.top_layers)
+    lora = BatchedLoRA(model, list(keys), r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules, seed=cfg.seed,
+                       layers=layers)
     examples = build_examples(tokenizer, neighbours, cfg)
     losses: list[float] = []
     if examples and cfg.steps > 0:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         batch = _collate(examples, int(pad))
-        opt = torch.optim.Adam(lora.parameters(), lr=cfg.lr)
+        opt = torch.optim.Adam(lora.parameters(), lr=cfg.lr, **_adam_kwargs())
         was_training = model.training
         model.eval()
+        first = min(_layer_index(t.name) or 0 for t in lora.targets)
         try:
-            with frozen(model), lora.attached(), checkpointing(model, cfg.gradient_checkpointing):
+            with frozen(model), lora.attached(), checkpointing(model, cfg.gradient_checkpointing), \
+                    reuse_frozen_prefix(model, first):
                 for _ in range(cfg.steps):
                     lora.row_adapter = batch["question"]
                     loss = per_question_loss(model, batch, len(keys))
