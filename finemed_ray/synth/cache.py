@@ -2,10 +2,11 @@
 
 A request's key is a hash of (step, prompt version, teacher identity, messages): the same question to the same
 teacher with the same prompt always has the same key, whatever run or worker makes it. Responses are written to
-``<cache>/<step>/`` as Parquet files, one per Ray Data block, each written whole (an S3 object appears complete or
-not at all). A rerun after a crash reads the keys already there and sends only the others to the teacher: no
-repeated teacher calls for finished rows, and no duplicated or lost rows, because outputs are rebuilt from
-requests joined with the cache.
+``<cache>/<step>/`` as Parquet files, one per answered block, each written whole (an S3 object appears complete or
+not at all; locally a temp file is renamed) and named by its keys. A rerun after a crash reads the keys already
+there and sends only the others to the teacher: no repeated teacher calls for finished rows, and no duplicated or
+lost rows, because every request row is answered exactly once -- by the teacher (its response stored first) or
+by the cache (joined on the key) -- and the count is checked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from pyarrow.fs import S3FileSystem as _S3
 
 from finemed_ray import storage
 
@@ -68,7 +70,12 @@ def cached_keys(cache_uri: str) -> set[str]:
 
 def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: StepStats):
     """``requests``: a Ray Dataset with ``key``, ``messages`` and any state columns. Returns the same rows with the
-    response columns added (``text``, ``error``, token counts), every row answered exactly once."""
+    response columns added (``text``, ``error``, token counts), every row answered exactly once.
+
+    Requests not cached yet go to the teacher, which passes every other column through; each answered block is
+    stored in the cache (response columns only, one whole file per block) before the dataset is used, so these
+    rows need no lookup. Only cache hits (a rerun) are joined with the stored responses -- a hash join costs
+    seconds of fixed Ray Data time per step, which the first run of a step no longer pays."""
     import time
 
     import ray.data
@@ -77,16 +84,31 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
     t0 = time.time()
     requests = requests.materialize()
     stats.requests = requests.count()
+    if stats.requests == 0:
+        stats.seconds = round(time.time() - t0, 3)
+        return requests
+    schema = requests.schema()
+    columns = [(c, t) for c, t in zip(schema.names, schema.types) if c not in RESPONSE_COLUMNS] + \
+        [(f.name, f.type) for f in RESPONSE_SCHEMA]
     done = cached_keys(cache_uri)
-    todo = requests.filter(expr=~col("key").is_in(list(done))) if done else requests
-    n_todo = todo.count()
+    if done:
+        is_done = col("key").is_in(list(done))
+        todo, hits = requests.filter(expr=~is_done), requests.filter(expr=is_done)
+        n_todo = todo.count()
+    else:
+        todo, hits, n_todo = requests, None, stats.requests
     stats.teacher_calls = n_todo
     stats.cache_hits = stats.requests - n_todo
+    fs, path = storage.get_filesystem(cache_uri)
+    parts = []
     if n_todo:
-        fs, path = storage.get_filesystem(cache_uri)
-        answered = teacher.map_dataset(todo.select_columns(["key", "messages"]))
-        try:
-            answered.map_batches(_to_response_table, batch_format="pyarrow").write_parquet(path, filesystem=fs)
+        if not storage.is_s3(cache_uri):
+            fs.create_dir(path, recursive=True)
+        answered = teacher.map_dataset(todo).map_batches(
+            _store_responses, batch_format="pyarrow", batch_size=None,  # one file per answered block
+            fn_kwargs={"filesystem": fs, "path": path, "columns": columns})
+        try:  # materialised: the teacher answers each request once, however often the result is read
+            parts.append(answered.materialize())
         except Exception as e:
             from finemed_ray.synth.teachers import find_teacher_unavailable
 
@@ -94,17 +116,17 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
             if down is not None:  # blocks finished before the failure stay in the cache for the rerun
                 raise down from None
             raise
-    if stats.requests == 0:
-        stats.seconds = round(time.time() - t0, 3)
-        return requests
-    fs, path = storage.get_filesystem(cache_uri)
-    responses = ray.data.read_parquet(path, filesystem=fs)
-    joined = requests.join(responses, join_type="inner", num_partitions=max(1, min(64, stats.requests // 2048 + 1)),
-                           on=("key",)).materialize()
-    if joined.count() != stats.requests:  # a key stored twice, or missing: never silently use such a result
-        raise RuntimeError(f"step {step}: {joined.count()} responses joined for {stats.requests} requests "
+    if stats.cache_hits:
+        responses = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+        joined = hits.join(responses, join_type="inner", num_partitions=max(1, min(64, stats.cache_hits // 2048 + 1)),
+                           on=("key",))
+        parts.append(joined.map_batches(_select, batch_format="pyarrow", fn_kwargs={"columns": columns}))
+    answered = _without_empty_blocks((parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])).materialize())
+    n = answered.count()
+    if n != stats.requests:  # a key stored twice, or missing: never silently use such a result
+        raise RuntimeError(f"step {step}: {n} responses for {stats.requests} requests "
                            f"(cache {cache_uri} is inconsistent)")
-    for batch in joined.select_columns(["error", "prompt_tokens", "completion_tokens"]).iter_batches(
+    for batch in answered.select_columns(["error", "prompt_tokens", "completion_tokens"]).iter_batches(
             batch_format="pyarrow", batch_size=4096):
         for row in batch.to_pylist():
             stats.prompt_tokens += row["prompt_tokens"] or 0
@@ -114,7 +136,59 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
                 kind = row["error"].split(":", 1)[0]
                 stats.error_kinds[kind] = stats.error_kinds.get(kind, 0) + 1
     stats.seconds = round(time.time() - t0, 3)
-    return joined
+    return answered
+
+
+def _without_empty_blocks(ds):
+    """The materialised ``ds`` without its empty blocks. A map over an empty block (e.g. the teacher's, where a
+    block made no request) yields a block with no columns, on which a later shuffle (``groupby``) fails
+    concatenating schemas. Uses only the blocks' metadata: nothing is fetched to the driver."""
+    import ray.data
+
+    refs, dropped = [], 0
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            ref, meta = entry if isinstance(entry, tuple) else (entry.ref, entry.metadata)
+            if meta.num_rows == 0:
+                dropped += 1
+            else:
+                refs.append(ref)
+    if not dropped or not refs:
+        return ds
+    return ray.data.from_arrow_refs(refs)
+
+
+def _select(batch: pa.Table, columns: list[tuple[str, pa.DataType]]) -> pa.Table:
+    """``batch`` with exactly these columns, in this order and of these types (the teacher's answered rows and
+    the cache hits joined with stored responses are unioned: one schema); a missing response column is null."""
+    data = {}
+    for name, typ in columns:
+        if name in batch.column_names:
+            column = batch.column(name)
+            data[name] = column if column.type == typ else column.cast(typ)
+        else:
+            data[name] = pa.nulls(batch.num_rows, typ)
+    return pa.table(data)
+
+
+def _store_responses(batch: pa.Table, filesystem: Any, path: str, columns: list[tuple[str, pa.DataType]]
+                     ) -> pa.Table:
+    """Write the responses of one answered block to the cache, whole, and pass the block on. The file is named by
+    its keys: a retried task rewrites the same file instead of adding a second copy of its responses."""
+    import pyarrow.parquet as pq
+
+    batch = _select(batch, columns)
+    if batch.num_rows:
+        keys = batch.column("key").to_pylist()
+        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32] + ".parquet"
+        table = _to_response_table(batch)
+        if isinstance(filesystem, _S3):  # an S3 object appears whole when its upload completes
+            pq.write_table(table, f"{path}/{name}", filesystem=filesystem)
+        else:  # local: a hidden temp file (no .parquet suffix, so never read), then a rename
+            tmp = f"{path}/.{name}.tmp"
+            pq.write_table(table, tmp, filesystem=filesystem)
+            filesystem.move(tmp, f"{path}/{name}")
+    return batch
 
 
 def _to_response_table(batch: pa.Table) -> pa.Table:

@@ -13,6 +13,7 @@ output drops the document with a reason (kept, with the raw output, in the quara
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -322,15 +323,41 @@ def make_requests(row: dict, step: str, cfg: dict, teacher_identity: str) -> lis
     st = json.loads(row["state"])
     version = prompts.PROMPT_VERSIONS[PROMPT_VERSION_OF[step]]
     out = []
-    for sub, messages in enumerate(STEPS[step][1](st, cfg)):
-        out.append({**row, "sub": sub, "messages": messages,
+    built = STEPS[step][1](st, cfg)
+    for sub, messages in enumerate(built):
+        out.append({**row, "sub": sub, "n_sub": len(built), "messages": messages,
                     "key": request_key(step, version, teacher_identity, messages)})
     return out
 
 
+REQUEST_SCHEMA = pa.schema(list(DOC_SCHEMA) + [
+    ("sub", pa.int64()), ("n_sub", pa.int64()),
+    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))), ("key", pa.string())])
+
+
+def make_requests_batch(batch: pa.Table, step: str, cfg: dict, teacher_identity: str) -> pa.Table:
+    """``make_requests`` over a block. Always the same schema, also for a block that makes no request (Ray Data's
+    ``flat_map`` turns those into blocks without columns, which a later shuffle cannot concatenate)."""
+    rows = [r for row in batch.to_pylist() for r in make_requests(row, step, cfg, teacher_identity)]
+    return pa.Table.from_pylist(rows, schema=REQUEST_SCHEMA)
+
+
 def apply_group(group: pa.Table, step: str, cfg: dict) -> pa.Table:
-    rows = sorted(group.to_pylist(), key=lambda r: r["sub"])
+    """One document's answered requests (any order) -> the document."""
+    return _apply_doc(sorted(group.to_pylist(), key=lambda r: r["sub"]), step, cfg)
+
+
+def apply_single(batch: pa.Table, step: str, cfg: dict) -> pa.Table:
+    """Answered requests of documents that made exactly one request (``n_sub == 1``): each row is its document's
+    whole group, so no regrouping (a shuffle) is needed."""
+    docs = [_apply_doc([row], step, cfg) for row in batch.to_pylist()]
+    return pa.concat_tables(docs) if docs else DOC_SCHEMA.empty_table()
+
+
+def _apply_doc(rows: list[dict], step: str, cfg: dict) -> pa.Table:
     first = rows[0]
+    if len(rows) != first["n_sub"]:  # never apply a step to part of a document's responses
+        raise RuntimeError(f"step {step}: document {first['doc_id']} has {len(rows)} of {first['n_sub']} responses")
     st = json.loads(first["state"])
     responses = [{"text": r["text"] if not r["error"] else None, "error": r["error"]} for r in rows]
     if all(r["error"] for r in rows):
@@ -417,13 +444,21 @@ class SynthesisPipeline:
         name, teacher = self.teacher(step)
         stats = StepStats(step=step, teacher=name)
         t0 = time.time()
-        requests = todo.flat_map(make_requests, fn_kwargs={"step": step, "cfg": self.cfg_dict,
-                                                           "teacher_identity": teacher.identity})
+        requests = todo.map_batches(make_requests_batch, batch_format="pyarrow", fn_kwargs={
+            "step": step, "cfg": self.cfg_dict, "teacher_identity": teacher.identity})
         answered = run_cached_step(requests, step, teacher, storage.join(self.cache_root, step), stats)
         parts = [others]
         if stats.requests:
-            parts.append(answered.groupby("doc_id", num_partitions=_partitions(stats.requests)).map_groups(
-                apply_group, batch_format="pyarrow", fn_kwargs={"step": step, "cfg": self.cfg_dict}))
+            kw = {"step": step, "cfg": self.cfg_dict}
+            # Documents with one request need no regrouping; only those with several (e.g. one score per
+            # question) go through the groupby shuffle, and only when there are any.
+            parts.append(answered.filter(expr=col("n_sub") == 1).map_batches(
+                apply_single, batch_format="pyarrow", fn_kwargs=kw))
+            multi = answered.filter(expr=col("n_sub") > 1)
+            n_multi = multi.count()
+            if n_multi:
+                parts.append(multi.groupby("doc_id", num_partitions=_partitions(n_multi)).map_groups(
+                    apply_group, batch_format="pyarrow", fn_kwargs=kw))
         parts.append(direct.map_batches(apply_no_request, batch_format="pyarrow",
                                         fn_kwargs={"step": step, "cfg": self.cfg_dict}))
         out = _fresh(parts[0].union(*parts[1:]))
@@ -433,6 +468,10 @@ class SynthesisPipeline:
         return out
 
     def run(self) -> dict[str, Any]:
+        with _sort_based_shuffles():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         docs = self.read()
         docs = self.step(docs, "classify_primary")
         docs = self.step(docs, "classify_secondary")
@@ -571,6 +610,28 @@ def _fresh(ds):
     import ray.data
 
     return ray.data.from_arrow_refs(ds.materialize().to_arrow_refs())
+
+
+@contextlib.contextmanager
+def _sort_based_shuffles():
+    """Run the pipeline's groupbys (dedupe, regrouping a document's responses) on Ray Data's sort-based pull
+    shuffle, whose map and reduce steps are tasks in Ray's pooled worker processes, instead of the default
+    hash shuffle, which starts aggregator actors for every shuffle: seconds of fixed cost per groupby, several
+    times the work on small inputs (32 docs: 28 s -> 15 s for the whole pipeline). Both are distributed. An
+    explicit ``RAY_DATA_DEFAULT_SHUFFLE_STRATEGY`` wins. Only this driver's current DataContext changes, and only
+    while the pipeline runs (datasets copy the context when they are created)."""
+    import os
+
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    ctx = DataContext.get_current()
+    before = ctx.shuffle_strategy
+    if not os.environ.get("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY"):
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        ctx.shuffle_strategy = before
 
 
 def _partitions(rows: int) -> int:

@@ -100,7 +100,7 @@ class _Extra(BaseModel):
 class HttpExtra(_Extra):
     """``extra`` keys of the http backend."""
 
-    num_workers: int = Field(2, ge=1, description="Ray Data workers (actors) in map_dataset")
+    num_workers: int = Field(2, ge=1, description="Ray Data tasks at a time in map_dataset")
     worker_num_cpus: float = Field(0.25, gt=0, description="logical CPUs per map_dataset worker (I/O bound)")
     backoff_base_s: float = Field(0.5, ge=0, description="first retry waits ~this long, doubling each retry")
     backoff_max_s: float = Field(30.0, ge=0, description="cap on one backoff wait")
@@ -479,13 +479,16 @@ class HttpTeacher:
     def map_dataset(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         import ray.data
 
-        # The key travels to the workers as a constructor argument when the driver has it (workers of an
+        # Tasks, at most num_workers at a time, each with up to spec.concurrency requests in flight. Not an actor
+        # pool: Ray Data starts a new pool (new worker processes) for every dataset, about a second per pipeline
+        # step, while tasks run in Ray's pooled worker processes, which keep their HttpTeacher (_http_batch).
+        # The key travels to the workers as a task argument when the driver has it (workers of an
         # already-running cluster do not see env vars set later in the driver); never through runtime_env,
         # which the dashboard shows.
         return ds.map_batches(
-            _HttpBatchUDF,
-            fn_constructor_kwargs={"spec": self.spec, "api_key": self._api_key()},
-            compute=ray.data.ActorPoolStrategy(size=self.options.num_workers),
+            _http_batch,
+            fn_kwargs={"spec": self.spec, "api_key": self._api_key()},
+            compute=ray.data.TaskPoolStrategy(size=self.options.num_workers),
             num_cpus=self.options.worker_num_cpus,
             batch_size=self.spec.batch_size,
             batch_format="pyarrow",
@@ -594,15 +597,20 @@ class HttpTeacher:
         )
 
 
-class _HttpBatchUDF:
-    """Ray Data worker: one HttpTeacher per actor, each batch sent with up to ``spec.concurrency`` in flight."""
+_PROCESS_TEACHERS: dict[tuple[str, str | None], HttpTeacher] = {}
+_PROCESS_TEACHERS_LOCK = threading.Lock()
 
-    def __init__(self, spec: TeacherSpec, api_key: str | None = None):
-        self.teacher = HttpTeacher(spec, api_key=api_key)
 
-    def __call__(self, batch: Any) -> pa.Table:
-        table = _to_arrow(batch)
-        return _append_results(table, self.teacher.generate(_requests_from_table(table)))
+def _http_batch(batch: Any, spec: TeacherSpec, api_key: str | None = None) -> pa.Table:
+    """Ray Data task: one batch sent with up to ``spec.concurrency`` in flight, through an HttpTeacher kept per
+    worker process and spec (its event loop and connections are reused by the next task in the process)."""
+    cache_key = (spec.model_dump_json(), api_key)
+    with _PROCESS_TEACHERS_LOCK:
+        teacher = _PROCESS_TEACHERS.get(cache_key)
+        if teacher is None:
+            teacher = _PROCESS_TEACHERS[cache_key] = HttpTeacher(spec, api_key=api_key)
+    table = _to_arrow(batch)
+    return _append_results(table, teacher.generate(_requests_from_table(table)))
 
 
 # ================================================================================================ hf
