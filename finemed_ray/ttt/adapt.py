@@ -14,6 +14,11 @@ answers, and restores the copy: twice the memory, one question at a time. Here:
   exactly the gradient it would get alone (no other row touches its slice), and Adam is element-wise, so the
   stacked optimizer equals B independent ones. ``tests/test_ttt.py`` checks batched == one-by-one.
   (peft's ``adapter_names`` mixed batches are inference-only; peft refuses them in training mode.)
+* **Only the top layers adapt** (``top_layers``, default the top half). The layers below carry no adapter and
+  are frozen, so their output is the same at every step: :func:`reuse_frozen_prefix` computes it once per batch
+  (no autograd) and later steps start at the first adapted layer. Backward stops there too (transformers'
+  input-require-grads hook, needed only by reentrant checkpointing, is removed). A step costs the adapted layers
+  only, and the extra memory is their adapters, Adam state and checkpointed activations.
 * **Generation and scoring with the adapters** use the same hooks with a per-row adapter index; ``-1`` rows
   (plain requests) get no delta, so plain and TTT rows can share a batch and plain rows stay bit-exact.
 * **Export.** :meth:`BatchedLoRA.save_peft` writes one question's adapter as a standard peft LoRA directory
@@ -32,6 +37,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -454,6 +460,31 @@ def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.train(was_training)
 
 
+_HEAP_PINNED = False
+
+
+def pin_malloc_mmap_threshold() -> None:
+    """Let freed adaptation buffers go back to the OS (Linux/glibc; once per process; elsewhere a no-op).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB on 64-bit); after that, the
+    activations of a training step come from the heap and stay resident once freed, so every adaptation would
+    leave the serving or evaluation process larger than it needs to be. Setting the threshold explicitly (to
+    glibc's initial 128 KiB) turns that adjustment off: large tensors are mmapped and unmapped when freed. A
+    ``MALLOC_MMAP_THRESHOLD_`` set in the environment is left alone."""
+    global _HEAP_PINNED
+    if _HEAP_PINNED:
+        return
+    _HEAP_PINNED = True
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        pass
+
+
 def _adam_kwargs() -> dict[str, Any]:
     # fused Adam (CPU and CUDA in torch >= 2.4) updates in place, without foreach's temporary copy of every state
     # tensor: less peak memory per adaptation
@@ -479,6 +510,7 @@ def adapt_lora(model: nn.Module, tokenizer: Any, keys: Sequence[str], neighbours
     if len(keys) != len(neighbours):
         raise ValueError(f"{len(keys)} keys for {len(neighbours)} neighbour lists")
     t0 = time.time()
+    pin_malloc_mmap_threshold()
     layers = adapted_layers(model, cfg.top_layers)
     lora = BatchedLoRA(model, list(keys), r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules, seed=cfg.seed,
                        layers=layers)
@@ -518,6 +550,7 @@ def full_update(model: nn.Module, tokenizer: Any, neighbours: Sequence[dict], cf
     import time
 
     t0 = time.time()
+    pin_malloc_mmap_threshold()
     params = [p for p in model.parameters()]
     backup = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
