@@ -98,3 +98,23 @@ def test_cached_step_answers_once_then_reuses_the_cache(ray_cluster, server, tmp
 
     _, kept, third = run(rows)
     assert third.teacher_calls == 0 and third.cache_hits == len(kept)
+
+
+def test_same_request_from_two_documents_is_answered_for_both_on_a_rerun(ray_cluster, server, tmp_path):
+    """Two documents making the very same request (e.g. the same generated question) in one run: both are sent and
+    stored; a rerun answers both from the cache with one response per key (no duplicated rows)."""
+    import ray.data
+
+    cache_uri = str(tmp_path / "cache" / "dup")
+    teacher = make_teacher(TeacherSpec(backend="http", model="echo", base_url=server.base_url, batch_size=4,
+                                       max_retries=0, extra={"num_workers": 1}))
+    rows = request_rows(range(4))
+    twin = {**rows[0], "doc_id": "twin"}
+    rows.append(twin)
+    for expect_calls in (5, 0):
+        stats = StepStats(step="dup", teacher="echo")
+        before = server.request_count
+        got = run_cached_step(ray.data.from_items(rows), "dup", teacher, cache_uri, stats).take_all()
+        assert server.request_count - before == stats.teacher_calls == expect_calls
+        assert sorted(r["doc_id"] for r in got) == sorted(r["doc_id"] for r in rows)
+        assert all(r["text"] == echo(r["messages"]) for r in got)

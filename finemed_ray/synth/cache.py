@@ -58,14 +58,22 @@ class StepStats:
 
 def cached_keys(cache_uri: str) -> set[str]:
     """Keys of the responses already stored for one step (reads only the ``key`` column)."""
+    return _stored_keys(cache_uri)[0]
+
+
+def _stored_keys(cache_uri: str) -> tuple[set[str], bool]:
+    """(keys stored for one step, whether a key is stored more than once)."""
     import pyarrow.parquet as pq
 
     files = storage.list_files(cache_uri, suffixes=(".parquet",)) if storage.exists(cache_uri) else []
     keys: set[str] = set()
+    n = 0
     for f in files:
         fs, path = storage.get_filesystem(f)
-        keys.update(pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist())
-    return keys
+        got = pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist()
+        n += len(got)
+        keys.update(got)
+    return keys, n != len(keys)
 
 
 def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: StepStats):
@@ -90,7 +98,7 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
     schema = requests.schema()
     columns = [(c, t) for c, t in zip(schema.names, schema.types) if c not in RESPONSE_COLUMNS] + \
         [(f.name, f.type) for f in RESPONSE_SCHEMA]
-    done = cached_keys(cache_uri)
+    done, repeated = _stored_keys(cache_uri)
     if done:
         is_done = col("key").is_in(list(done))
         todo, hits = requests.filter(expr=~is_done), requests.filter(expr=is_done)
@@ -118,6 +126,8 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
             raise
     if stats.cache_hits:
         responses = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+        if repeated:  # one run made the same request twice (two documents, same messages): one response per key
+            responses = responses.groupby("key").map_groups(_first_row, batch_format="pyarrow")
         joined = hits.join(responses, join_type="inner", num_partitions=max(1, min(64, stats.cache_hits // 2048 + 1)),
                            on=("key",))
         parts.append(joined.map_batches(_select, batch_format="pyarrow", fn_kwargs={"columns": columns}))
@@ -156,6 +166,10 @@ def _without_empty_blocks(ds):
     if not dropped or not refs:
         return ds
     return ray.data.from_arrow_refs(refs)
+
+
+def _first_row(group: pa.Table) -> pa.Table:
+    return group.slice(0, 1)
 
 
 def _select(batch: pa.Table, columns: list[tuple[str, pa.DataType]]) -> pa.Table:
