@@ -6,7 +6,7 @@ teacher with the same prompt always has the same key, whatever run or worker mak
 not at all; locally a temp file is renamed) and named by its keys. A rerun after a crash reads the keys already
 there and sends only the others to the teacher: no repeated teacher calls for finished rows, and no duplicated or
 lost rows, because every request row is answered exactly once -- by the teacher (its response stored first) or
-by the cache (joined on the key) -- and the count is checked.
+by the cache (matched on the key) -- and the count is checked.
 """
 
 from __future__ import annotations
@@ -58,22 +58,21 @@ class StepStats:
 
 def cached_keys(cache_uri: str) -> set[str]:
     """Keys of the responses already stored for one step (reads only the ``key`` column)."""
-    return _stored_keys(cache_uri)[0]
+    return _stored(cache_uri)[0]
 
 
-def _stored_keys(cache_uri: str) -> tuple[set[str], bool]:
-    """(keys stored for one step, whether a key is stored more than once)."""
+def _stored(cache_uri: str) -> tuple[set[str], list[str]]:
+    """(keys stored for one step, the paths of its cache files inside their filesystem)."""
     import pyarrow.parquet as pq
 
     files = storage.list_files(cache_uri, suffixes=(".parquet",)) if storage.exists(cache_uri) else []
     keys: set[str] = set()
-    n = 0
+    paths = []
     for f in files:
         fs, path = storage.get_filesystem(f)
-        got = pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist()
-        n += len(got)
-        keys.update(got)
-    return keys, n != len(keys)
+        keys.update(pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist())
+        paths.append(path)
+    return keys, paths
 
 
 def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: StepStats):
@@ -82,8 +81,8 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
 
     Requests not cached yet go to the teacher, which passes every other column through; each answered block is
     stored in the cache (response columns only, one whole file per block) before the dataset is used, so these
-    rows need no lookup. Only cache hits (a rerun) are joined with the stored responses -- a hash join costs
-    seconds of fixed Ray Data time per step, which the first run of a step no longer pays."""
+    rows need no lookup (a shuffle: seconds of fixed Ray Data time per step). Only cache hits (a rerun) are
+    matched with the stored responses."""
     import time
 
     import ray.data
@@ -98,7 +97,7 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
     schema = requests.schema()
     columns = [(c, t) for c, t in zip(schema.names, schema.types) if c not in RESPONSE_COLUMNS] + \
         [(f.name, f.type) for f in RESPONSE_SCHEMA]
-    done, repeated = _stored_keys(cache_uri)
+    done, files = _stored(cache_uri)
     if done:
         is_done = col("key").is_in(list(done))
         todo, hits = requests.filter(expr=~is_done), requests.filter(expr=is_done)
@@ -125,12 +124,19 @@ def run_cached_step(requests, step: str, teacher: Any, cache_uri: str, stats: St
                 raise down from None
             raise
     if stats.cache_hits:
-        responses = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
-        if repeated:  # one run made the same request twice (two documents, same messages): one response per key
-            responses = responses.groupby("key").map_groups(_first_row, batch_format="pyarrow")
-        joined = hits.join(responses, join_type="inner", num_partitions=max(1, min(64, stats.cache_hits // 2048 + 1)),
-                           on=("key",))
-        parts.append(joined.map_batches(_select, batch_format="pyarrow", fn_kwargs={"columns": columns}))
+        # The cached rows get their responses by a groupby on the key over (request rows + stored responses):
+        # a key's rows meet in one group, each request row takes the key's response (the first, should one run
+        # have stored a key twice: two documents making the same request). A groupby runs on the pipeline's
+        # sort-based shuffle; Ray Data's join always starts hash-shuffle aggregator actors (~5 s per step).
+        # The stored files are read by plain tasks from the list made above (read_parquet would list and inspect
+        # them again: ~3 s per step on S3).
+        responses = ray.data.from_items([{"path": f} for f in files]).map_batches(
+            _read_stored, batch_format="pyarrow", batch_size=16, fn_kwargs={"filesystem": fs, "columns": columns})
+        tagged = hits.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"columns": columns, "stored": False}).union(
+            responses)
+        tagged = _without_empty_blocks(tagged.materialize())
+        parts.append(tagged.groupby("key", num_partitions=max(1, min(64, stats.cache_hits // 2048 + 1))).map_groups(
+            _answer_from_cache, batch_format="pyarrow", fn_kwargs={"columns": columns}))
     answered = _without_empty_blocks((parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])).materialize())
     n = answered.count()
     if n != stats.requests:  # a key stored twice, or missing: never silently use such a result
@@ -168,8 +174,36 @@ def _without_empty_blocks(ds):
     return ray.data.from_arrow_refs(refs)
 
 
-def _first_row(group: pa.Table) -> pa.Table:
-    return group.slice(0, 1)
+_STORED = "__stored_response"
+
+
+def _tag(batch: pa.Table, columns: list[tuple[str, pa.DataType]], stored: bool) -> pa.Table:
+    """Request rows (``stored=False``, response columns null) or stored responses (request columns null) in one
+    schema, marked, so that both can be unioned and grouped by key."""
+    table = _select(batch, columns)
+    return table.append_column(_STORED, pa.array([stored] * table.num_rows, pa.bool_()))
+
+
+def _read_stored(batch: pa.Table, filesystem: Any, columns: list[tuple[str, pa.DataType]]) -> pa.Table:
+    """Cache files (a ``path`` column) -> their responses, tagged as stored (see ``_tag``)."""
+    import pyarrow.parquet as pq
+
+    tables = [_select(pq.read_table(p, filesystem=filesystem), columns) for p in batch.column("path").to_pylist()]
+    return _tag(pa.concat_tables(tables) if tables else _select(RESPONSE_SCHEMA.empty_table(), columns), columns,
+                stored=True)
+
+
+def _answer_from_cache(group: pa.Table, columns: list[tuple[str, pa.DataType]]) -> pa.Table:
+    """One key's request rows and stored responses -> the request rows with the (first) stored response."""
+    rows = group.to_pylist()
+    stored = next((r for r in rows if r[_STORED]), None)
+    out = []
+    if stored is not None:  # a key with no stored response yields nothing: the count check fails the step
+        for row in rows:
+            if not row.pop(_STORED):
+                row.update({c: stored[c] for c in RESPONSE_COLUMNS})
+                out.append(row)
+    return pa.Table.from_pylist(out, schema=pa.schema(columns))
 
 
 def _select(batch: pa.Table, columns: list[tuple[str, pa.DataType]]) -> pa.Table:
