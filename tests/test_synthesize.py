@@ -31,7 +31,7 @@ MEDQA = BENCH / "medqa" / "test.jsonl"
 N_SEEDS = 24
 pytestmark = [
     pytest.mark.skipif(not PUBMEDQA.is_file() or not MEDQA.is_file(), reason=f"benchmark files not found under {BENCH}"),
-    pytest.mark.slow,  # several full pipeline runs (~1 min each on 2 cores, ~4 min for the file): `make test-slow`
+    pytest.mark.slow,  # several full pipeline runs (~20 s each on 2 cores, ~2 min for the file): `make test-slow`
 ]
 
 
