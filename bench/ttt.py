@@ -141,14 +141,20 @@ def main() -> int:
     import subprocess
     import sys
 
-    phases = {}
-    for phase in ("plain", "ttt"):
-        cmd = [sys.executable, "-m", "bench.ttt", "--memory-phase", phase, "--hidden", str(args.hidden), "--layers",
-               str(args.layers), "--k", str(args.k), "--steps", str(args.steps), "--r", str(args.r),
-               "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-               "--top-layers", args.top_layers]
-        out = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, check=True).stdout
-        phases[phase] = json.loads([l for l in out.splitlines() if l.startswith('{"phase"')][-1])
+    # Twice: with glibc's default allocator (what a process gets), and with its mmap threshold pinned at 128 KiB
+    # so that freed buffers leave the process (the peak is then the tensors' own, not the heap's retention).
+    import os
+
+    phases: dict[str, dict[str, Any]] = {"default_allocator": {}, "no_heap_retention": {}}
+    for allocator, extra_env in (("default_allocator", {}), ("no_heap_retention", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
+        for phase in ("plain", "ttt"):
+            cmd = [sys.executable, "-m", "bench.ttt", "--memory-phase", phase, "--hidden", str(args.hidden),
+                   "--layers", str(args.layers), "--k", str(args.k), "--steps", str(args.steps), "--r", str(args.r),
+                   "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
+                   "--top-layers", args.top_layers]
+            env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | extra_env
+            out = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, check=True, env=env).stdout
+            phases[allocator][phase] = json.loads([l for l in out.splitlines() if l.startswith('{"phase"')][-1])
     load = mon.stop()
     assert weights_digest(model) == digest, "TTT modified the base weights"
 
@@ -162,16 +168,25 @@ def main() -> int:
         "ttt_n": {k: round(med(r[k] for r in ttt_n), 4) for k in ttt_n[0]},
         "latency_ratio_ttt_vs_plain": round(t1 / p1, 3),
         "batched_n_vs_1": round(tn / t1, 3), "n": args.questions,
-        "memory": {"method": "peak RSS (VmHWM) of a fresh process per phase", "plain": phases["plain"],
-                   "ttt": phases["ttt"],
-                   "ttt_1_growth_over_plain_mib": round(phases["ttt"]["peak_mib"] - phases["plain"]["peak_mib"], 1),
-                   "ttt_1_growth_fraction_of_model": round(
-                       (phases["ttt"]["peak_mib"] - phases["plain"]["peak_mib"]) / model_mib, 4)},
+        "memory": {
+            "method": "peak RSS (VmHWM) of a fresh process per phase; TTT phase minus plain phase",
+            **{allocator: {**ph, "ttt_1_growth_over_plain_mib": round(ph["ttt"]["peak_mib"] - ph["plain"]["peak_mib"], 1),
+                           "ttt_1_growth_fraction_of_model": round(
+                               (ph["ttt"]["peak_mib"] - ph["plain"]["peak_mib"]) / model_mib, 4)}
+               for allocator, ph in phases.items()},
+            "note": "default_allocator: glibc as every process gets it; its dynamic mmap threshold keeps freed "
+                    "activation buffers in the heap, so the peak includes retained free memory. no_heap_retention: "
+                    "MALLOC_MMAP_THRESHOLD_=131072, freed buffers are unmapped, the peak is close to the live "
+                    "tensors' (adapter, Adam state, checkpointed activations). Pinning it in the product was tried "
+                    "and dropped: adaptation got ~1.6x slower on CPU (page faults of every large allocation).",
+        },
         "base_weights_unchanged": True, "load": load,
     })
     results["meets_targets"] = {
         "latency_ratio": results["latency_ratio_ttt_vs_plain"] <= 3.0,
-        "memory_growth": results["memory"]["ttt_1_growth_fraction_of_model"] <= 0.05,
+        "memory_growth": results["memory"]["default_allocator"]["ttt_1_growth_fraction_of_model"] <= 0.05,
+        "memory_growth_no_heap_retention":
+            results["memory"]["no_heap_retention"]["ttt_1_growth_fraction_of_model"] <= 0.05,
         "batched8_vs_1": results["batched_n_vs_1"] <= 3.0,
     }
     out = Path(args.out or H.RESULTS / f"ttt_{H.device_name()}.json")

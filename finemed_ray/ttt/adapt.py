@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -460,31 +459,6 @@ def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.train(was_training)
 
 
-_HEAP_PINNED = False
-
-
-def pin_malloc_mmap_threshold() -> None:
-    """Let freed adaptation buffers go back to the OS (Linux/glibc; once per process; elsewhere a no-op).
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB on 64-bit); after that, the
-    activations of a training step come from the heap and stay resident once freed, so every adaptation would
-    leave the serving or evaluation process larger than it needs to be. Setting the threshold explicitly (to
-    glibc's initial 128 KiB) turns that adjustment off: large tensors are mmapped and unmapped when freed. A
-    ``MALLOC_MMAP_THRESHOLD_`` set in the environment is left alone."""
-    global _HEAP_PINNED
-    if _HEAP_PINNED:
-        return
-    _HEAP_PINNED = True
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        pass
-
-
 def _adam_kwargs() -> dict[str, Any]:
     # fused Adam (CPU and CUDA in torch >= 2.4) updates in place, without foreach's temporary copy of every state
     # tensor: less peak memory per adaptation
@@ -510,7 +484,6 @@ def adapt_lora(model: nn.Module, tokenizer: Any, keys: Sequence[str], neighbours
     if len(keys) != len(neighbours):
         raise ValueError(f"{len(keys)} keys for {len(neighbours)} neighbour lists")
     t0 = time.time()
-    pin_malloc_mmap_threshold()
     layers = adapted_layers(model, cfg.top_layers)
     lora = BatchedLoRA(model, list(keys), r=cfg.r, alpha=cfg.alpha, target_modules=cfg.target_modules, seed=cfg.seed,
                        layers=layers)
@@ -550,7 +523,6 @@ def full_update(model: nn.Module, tokenizer: Any, neighbours: Sequence[dict], cf
     import time
 
     t0 = time.time()
-    pin_malloc_mmap_threshold()
     params = [p for p in model.parameters()]
     backup = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
