@@ -405,11 +405,53 @@ def _collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor
             "question": torch.tensor([e.question for e in examples], dtype=torch.long)}
 
 
+def _packable(model: nn.Module) -> bool:
+    """Packed rows are isolated by transformers' mask functions (from the position ids) for the attention
+    implementations in its mask registry; any other implementation would let packed examples attend to each other."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    return impl in set(ALL_MASK_ATTENTION_FUNCTIONS)
+
+
+def _collate_packed(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per question: its examples concatenated, position ids restarting at each (transformers then masks
+    attention to each example's own tokens, as :mod:`finemed_ray.train.packing` does for SFT), the rows padded at
+    the end (pads restart at position 0: a separate, label-free sequence). Pad tokens shrink from the spread of
+    every example's length to the spread of the questions' totals."""
+    rows: dict[int, list[Example]] = {}
+    for e in examples:
+        rows.setdefault(e.question, []).append(e)
+    width = max(sum(len(e.input_ids) for e in r) for r in rows.values())
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    for i, row in enumerate(rows.values()):
+        at = 0
+        for e in row:
+            m = len(e.input_ids)
+            ids[i, at: at + m] = torch.tensor(e.input_ids)
+            labels[i, at: at + m] = torch.tensor(e.labels)
+            labels[i, at] = IGNORE_INDEX  # never predict an example's first token from the previous example
+            pos[i, at: at + m] = torch.arange(m)
+            at += m
+        pos[i, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos,
+            "question": torch.tensor(list(rows), dtype=torch.long)}
+
+
+def collate_examples(model: nn.Module, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    return _collate_packed(examples, pad_id) if _packable(model) else _collate(examples, pad_id)
+
+
 def per_question_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_questions: int) -> torch.Tensor:
     """Sum over questions of each question's mean next-token loss (so each adapter's gradient is its own)."""
     device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                use_cache=False)
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model(**inputs, use_cache=False)
     logits = out.logits[:, :-1].float()
     target = batch["labels"][:, 1:].to(device)
     tok_loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -491,7 +533,7 @@ def adapt_lora(model: nn.Module, tokenizer: Any, keys: Sequence[str], neighbours
     losses: list[float] = []
     if examples and cfg.steps > 0:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        batch = _collate(examples, int(pad))
+        batch = collate_examples(model, examples, int(pad))
         opt = torch.optim.Adam(lora.parameters(), lr=cfg.lr, **_adam_kwargs())
         was_training = model.training
         model.eval()
@@ -532,7 +574,7 @@ def full_update(model: nn.Module, tokenizer: Any, neighbours: Sequence[dict], cf
     try:
         if examples and cfg.steps > 0:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-            batch = _collate(examples, int(pad))
+            batch = collate_examples(model, examples, int(pad))
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=cfg.lr)
