@@ -97,6 +97,7 @@ def test_packed_examples_train_as_padded_ones(model_and_tokenizer, task, monkeyp
     """Each question's examples are packed into one row (position ids restart per example); transformers then masks
     attention to each example. Same first-step loss and gradients as one padded row per example: no example sees
     another (a leak would change the loss at once)."""
+    import finemed_ray.models.loading as loading
     import finemed_ray.ttt.adapt as adapt_mod
 
     model, tok = model_and_tokenizer
@@ -104,7 +105,7 @@ def test_packed_examples_train_as_padded_ones(model_and_tokenizer, task, monkeyp
     keys = [it["id"] for it in items[:3]]
     one_step = CFG.model_copy(update={"steps": 1})
     packed = adapt_lora(model, tok, keys, neighbours[:3], one_step)
-    monkeypatch.setattr(adapt_mod, "_packable", lambda model: False)
+    monkeypatch.setattr(loading, "packed_sequences_isolated", lambda model: False)
     padded = adapt_lora(model, tok, keys, neighbours[:3], one_step)
     assert packed.losses == pytest.approx(padded.losses, rel=1e-5)
     for a, b in zip(packed.lora.targets, padded.lora.targets):  # one Adam step: lr * sign-like update per element

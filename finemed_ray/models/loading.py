@@ -127,3 +127,17 @@ def generate_reply(
         out = model.generate(**inputs, **gen_kwargs)
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def attention_implementation(model_or_config: Any) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def packed_sequences_isolated(model_or_config: Any) -> bool:
+    """Whether transformers isolates packed sequences (found from restarting position ids) for this model's
+    attention implementation: only those in its mask registry get the block-diagonal mask; any other gets no mask
+    at all, and packed sequences would attend to each other."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return attention_implementation(model_or_config) in set(ALL_MASK_ATTENTION_FUNCTIONS)

@@ -197,9 +197,10 @@ def check_packing_attention(model_or_config: Any) -> str:
     other it passes no mask at all, and packed sequences would attend to each other."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    config = getattr(model_or_config, "config", model_or_config)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in set(ALL_MASK_ATTENTION_FUNCTIONS):
+    from finemed_ray.models.loading import attention_implementation, packed_sequences_isolated
+
+    impl = attention_implementation(model_or_config)
+    if not packed_sequences_isolated(model_or_config):
         raise ConfigError(
             f"attention implementation {impl!r} has no transformers mask function, so packed sequences would attend "
             f"to each other; use one of {sorted(ALL_MASK_ATTENTION_FUNCTIONS)} or turn packing off"

@@ -405,17 +405,6 @@ def _collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor
             "question": torch.tensor([e.question for e in examples], dtype=torch.long)}
 
 
-def _packable(model: nn.Module) -> bool:
-    """Packed rows are isolated by transformers' mask functions (from the position ids) for the attention
-    implementations in its mask registry; any other implementation would let packed examples attend to each other."""
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    except ImportError:
-        return False
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
-    return impl in set(ALL_MASK_ATTENTION_FUNCTIONS)
-
-
 def _collate_packed(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """One row per question: its examples concatenated, position ids restarting at each (transformers then masks
     attention to each example's own tokens, as :mod:`finemed_ray.train.packing` does for SFT), the rows padded at
@@ -444,7 +433,9 @@ def _collate_packed(examples: Sequence[Example], pad_id: int) -> dict[str, torch
 
 
 def collate_examples(model: nn.Module, examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    return _collate_packed(examples, pad_id) if _packable(model) else _collate(examples, pad_id)
+    from finemed_ray.models.loading import packed_sequences_isolated
+
+    return _collate_packed(examples, pad_id) if packed_sequences_isolated(model) else _collate(examples, pad_id)
 
 
 def per_question_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_questions: int) -> torch.Tensor:
