@@ -114,6 +114,37 @@ def test_packed_examples_train_as_padded_ones(model_and_tokenizer, task, monkeyp
     assert batch["input_ids"].shape[0] == 3 and "attention_mask" not in batch  # one row per question
 
 
+def test_shortcuts_compute_what_the_general_path_does(model_and_tokenizer, task, monkeypatch):
+    """Two shortcuts of a training step: the LM head only at labelled positions (``logits_to_keep``), and the
+    adapters used in place when row i trains adapter i (no gather). Same losses and adapters as full logits and a
+    gathered copy, and each shortcut is really taken."""
+    import finemed_ray.ttt.adapt as adapt_mod
+
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    keys = [it["id"] for it in items[:3]]
+    cfg = CFG_TOP.model_copy(update={"steps": 2})
+    kept: list[int] = []
+    forward = type(model).forward
+
+    def spy(self, *a, logits_to_keep=0, **k):
+        out = forward(self, *a, logits_to_keep=logits_to_keep, **k)
+        kept.append(out.logits.shape[1])
+        return out
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    fast = adapt_lora(model, tok, keys, neighbours[:3], cfg)
+    width = adapt_mod.collate_examples(model, adapt_mod.build_examples(tok, neighbours[:3], cfg), 0)["input_ids"]
+    assert kept and max(kept) < width.shape[1] - 1  # fewer logits than positions
+    monkeypatch.setattr(adapt_mod, "_accepts_logits_to_keep", lambda model: False)
+    monkeypatch.setattr(adapt_mod, "_is_identity", lambda idx, n: False)
+    slow = adapt_lora(model, tok, keys, neighbours[:3], cfg)
+    assert fast.losses == pytest.approx(slow.losses, rel=1e-5)
+    for a, b in zip(fast.lora.targets, slow.lora.targets):
+        torch.testing.assert_close(a.A, b.A, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.B, b.B, rtol=1e-4, atol=1e-5)
+
+
 def test_plain_rows_in_a_mixed_batch_are_bit_exact(model_and_tokenizer, task):
     model, tok = model_and_tokenizer
     items, neighbours = task
