@@ -51,8 +51,9 @@ from typing import Any
 
 from bench import _harness as H
 
+ZERO3_CONFIG = "configs/deepspeed/zero3.json"
 STACK_VARIANTS = {
-    "stack_zero3": ["deepspeed.config=configs/deepspeed/zero3.json"],
+    "stack_zero3": [f"deepspeed.config={ZERO3_CONFIG}"],
     "stack_ddp": ["deepspeed.config=null"],
 }
 BARE_VARIANTS = ("bare_ddp", "bare_ddp_trl_loss", "bare_zero3")
@@ -70,16 +71,20 @@ def _zero3_config(path: Path, hidden: int, micro_batch: int, grad_clip: float) -
     """configs/deepspeed/zero3.json with its "auto" values filled exactly as the HF DeepSpeed integration does."""
     cfg = json.loads(path.read_text())
     z = cfg["zero_optimization"]
-    z["reduce_bucket_size"] = hidden * hidden
-    z["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
-    z["stage3_param_persistence_threshold"] = 10 * hidden
+    for key, value in (("reduce_bucket_size", hidden * hidden),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if z.get(key) == "auto":
+            z[key] = value
     cfg["bf16"] = {"enabled": False}
     cfg["fp16"] = {"enabled": False}
     cfg["gradient_accumulation_steps"] = 1
     cfg["gradient_clipping"] = grad_clip
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["steps_per_print"] = 10**9
-    return cfg
+    from finemed_ray.train.sft import deepspeed_config_for_device
+
+    return deepspeed_config_for_device(cfg, use_gpu=False)  # as SFTJob runs it on CPU workers
 
 
 def _bare_worker(rank: int, world: int, port: int, variants: list[str], steps_rows: list[list[list[dict]]],
@@ -272,6 +277,8 @@ def main() -> int:
     ap.add_argument("--stack-repeats", type=int, default=1, help="runs of each stack variant (about 100 s each)")
     ap.add_argument("--bare-rounds", type=int, default=1,
                     help="rounds of all bare variants after each stack run (interleaved, so both see similar load)")
+    ap.add_argument("--zero3-config", default=ZERO3_CONFIG,
+                    help="DeepSpeed config of stack_zero3 and bare_zero3 (path relative to the repository)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     H.setup_env()
@@ -351,7 +358,8 @@ def main() -> int:
                         "train.gradient_accumulation_steps=1",
                         "train.epochs=1",
                         "train.report_to=[tensorboard]",
-                        *STACK_VARIANTS[name],
+                        *(STACK_VARIANTS[name] if name != "stack_zero3"
+                          else [f"deepspeed.config={args.zero3_config}"]),
                     ],
                     rows_uri,
                     workers=args.workers,
@@ -421,7 +429,7 @@ def main() -> int:
                         "lr_scheduler": t["lr_scheduler"],
                         "warmup_ratio": t["warmup_ratio"],
                         "max_grad_norm": t["max_grad_norm"],
-                        "ds_config": _zero3_config(H.ROOT / "configs/deepspeed/zero3.json", hidden, args.batch,
+                        "ds_config": _zero3_config(H.ROOT / args.zero3_config, hidden, args.batch,
                                                    t["max_grad_norm"]),
                     }
                 order = bare_names * args.bare_rounds

@@ -29,16 +29,29 @@ log = logging.getLogger(__name__)
 FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "FINEMED_", "DS_", "TRANSFORMERS_", "VLLM_")
 
 
-def load_deepspeed_config(path: str | None) -> dict | None:
+def load_deepspeed_config(path: str | None, use_gpu: bool = True) -> dict | None:
     if path is None:
         return None
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"deepspeed.config: file not found: {path}")
     try:
-        return json.loads(p.read_text())
+        cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {e}") from None
+    return deepspeed_config_for_device(cfg, use_gpu)
+
+
+def deepspeed_config_for_device(cfg: dict, use_gpu: bool) -> dict:
+    """The DeepSpeed config as it should run on this device kind.
+
+    On CPU workers (gloo) ``overlap_comm`` is turned off: it overlaps gradient reduction with backward on a
+    separate CUDA stream, and without one it only adds bucket copies and synchronisation (bench.train_overhead,
+    13M model, ZeRO-3 step 3512 -> 3342 ms with it off)."""
+    zero = cfg.get("zero_optimization")
+    if not use_gpu and isinstance(zero, dict) and zero.get("overlap_comm", False) is not False:
+        cfg = {**cfg, "zero_optimization": {**zero, "overlap_comm": False}}
+    return cfg
 
 
 @dataclass
@@ -370,7 +383,7 @@ class SFTJob:
         from finemed_ray.data.sft_prepare import input_files
         from finemed_ray.models.loading import load_tokenizer, resolve_model_path
 
-        self.ds_config = load_deepspeed_config(self.cfg.deepspeed.config)
+        self.ds_config = load_deepspeed_config(self.cfg.deepspeed.config, self.cfg.scaling.use_gpu)
         input_files(self.cfg.data.path)  # missing or empty data fails here, naming the path
         load_tokenizer(resolve_model_path(self.cfg.model.path))  # no chat template fails here, naming the model
         storage.check_writable(self.run_uri)  # a missing bucket or read-only path fails now, not after training
