@@ -247,6 +247,8 @@ class BatchedLoRA:
     row_adapter: torch.Tensor | None = field(init=False, default=None)
     _cache_for: Any = field(init=False, default=None, repr=False)  # the row_adapter the gathered cache is for
     _cache: dict = field(init=False, default_factory=dict, repr=False)
+    _flags_for: Any = field(init=False, default=None, repr=False)  # the row_adapter _flags are for
+    _flags: tuple[bool, bool] = field(init=False, default=(False, False), repr=False)
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -291,11 +293,12 @@ class BatchedLoRA:
                 delta = torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t)
                 return output + (delta if on is None else delta * on).to(output.dtype)
             self._cache_for = None  # training changes the adapters: nothing gathered earlier stays valid
-            if bool((idx < 0).all()):
+            none, identity = self._row_flags(idx, target.A.shape[0])
+            if none:
                 return output
             if idx.numel() == 1 and x.shape[0] != 1:  # one adapter for every row of this batch
                 idx = idx.reshape(1).expand(x.shape[0])
-            if _is_identity(idx, target.A.shape[0]):
+            if identity and x.shape[0] == target.A.shape[0]:
                 # row i trains adapter i (the usual batched case): no gathered copy of A/B, and no scatter of
                 # their gradients back (less memory and time per step)
                 a, b, on = target.A, target.B, None
@@ -308,6 +311,14 @@ class BatchedLoRA:
             return output + (delta if on is None else delta * on).to(output.dtype)
 
         return hook
+
+    def _row_flags(self, idx: torch.Tensor, n: int) -> tuple[bool, bool]:
+        """(no row has an adapter, row i trains adapter i), worked out once per ``row_adapter`` tensor rather than in
+        every hook call (each is a host sync on GPU)."""
+        if self._flags_for is not idx:
+            self._flags_for = idx
+            self._flags = (bool((idx < 0).all()), _is_identity(idx, n))
+        return self._flags
 
     def _gathered(self, target: _Target, idx: torch.Tensor, rows: int, device: torch.device):
         """Row ``i``'s adapter as transposed, pre-scaled matrices (``[rows, in, r]``, ``[rows, r, out]``) and the
@@ -338,7 +349,7 @@ class BatchedLoRA:
             for h in handles:
                 h.remove()
             self.row_adapter = None
-            self._cache_for, self._cache = None, {}
+            self._cache_for, self._cache, self._flags_for = None, {}, None
 
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Adapter ``i`` in peft's key layout (``base_model.model.<module>.lora_A.weight``)."""
