@@ -201,9 +201,10 @@ def test_top_layers_adapt_only_the_top_and_run_the_layers_below_once(model_and_t
         for h in handles:
             h.remove()
     assert {t.name.split(".layers.")[1].split(".")[0] for t in res.lora.targets} == {str(len(layers) - 1)}
-    # 8 steps: the top layer runs forward + recomputation (checkpointing) every step; the one below runs its own
-    # forward once, and every later step reuses its output (its forward is an identity/lookup, no computation).
-    assert calls[-1] == 2 * CFG_TOP.steps and calls[:-1] == [1] * (len(layers) - 1)
+    # 8 steps: the top layer runs one forward every step (it is the one layer not checkpointed: its recomputation
+    # would follow its forward at once); the one below runs its own forward once, and every later step reuses its
+    # output (its forward is an identity/lookup, no computation).
+    assert calls[-1] == CFG_TOP.steps and calls[:-1] == [1] * (len(layers) - 1)
     assert all(not hasattr(layer, "forward") or "forward" not in layer.__dict__ for layer in layers)  # restored
     # Same adapters as recomputing everything every step without checkpointing (the shortcut changes no number).
     monkeypatch.setattr(adapt_mod, "reuse_frozen_prefix", lambda m, first: contextlib.nullcontext())
@@ -214,6 +215,38 @@ def test_top_layers_adapt_only_the_top_and_run_the_layers_below_once(model_and_t
         torch.testing.assert_close(a.B, b.B, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="whole number of layers"):
         TTTConfig(top_layers=1.5)
+
+
+def test_checkpointing_recomputes_every_adapted_layer_but_the_top(model_and_tokenizer, task):
+    from finemed_ray.ttt.adapt import decoder_layers
+
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    layers = decoder_layers(model)
+    assert len(layers) >= 2
+    calls = [0] * len(layers)
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(layers)]
+    cfg = CFG_TOP.model_copy(update={"top_layers": None, "steps": 3})
+    try:
+        checkpointed = adapt_lora(model, tok, [items[0]["id"]], neighbours[:1], cfg)
+    finally:
+        for h in handles:
+            h.remove()
+    # forward + recomputation in backward for every layer below the top; the top layer only its forward
+    assert calls == [2 * cfg.steps] * (len(layers) - 1) + [cfg.steps]
+    # the model is left as it was: no layer checkpoints outside adaptation
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    plain = adapt_lora(model, tok, [items[0]["id"]], neighbours[:1], cfg.model_copy(update={
+        "gradient_checkpointing": False}))
+    assert plain.losses == pytest.approx(checkpointed.losses, rel=1e-5)
+    # a model that was checkpointing before (e.g. mid-training) gets every layer's flag back
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        adapt_lora(model, tok, [items[0]["id"]], neighbours[:1], cfg)
+        assert all(layer.gradient_checkpointing for layer in layers)
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 def test_generation_with_per_row_adapters_through_the_hf_engine(tiny_model_dir, task):

@@ -290,7 +290,10 @@ class BatchedLoRA:
                 a_t, b_t, on = self._gathered(target, idx, x.shape[0], x.device)
                 if a_t is None:
                     return output
-                delta = torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t)
+                xa = torch.bmm(x.to(a_t.dtype), a_t)
+                if on is None and output.dtype == b_t.dtype:
+                    return torch.baddbmm(output, xa, b_t)  # one fused multiply-add, one [rows, tokens, out] buffer
+                delta = torch.bmm(xa, b_t)
                 return output + (delta if on is None else delta * on).to(output.dtype)
             self._cache_for = None  # training changes the adapters: nothing gathered earlier stays valid
             none, identity = self._row_flags(idx, target.A.shape[0])
@@ -306,8 +309,13 @@ class BatchedLoRA:
                 sel = idx.clamp(min=0).to(x.device)
                 a, b = target.A[sel], target.B[sel]  # [batch, r, in], [batch, out, r]
                 on = None if bool((idx >= 0).all()) else (idx >= 0).to(a.dtype).to(x.device)[:, None, None]
-            delta = torch.einsum("bti,bri->btr", x.to(a.dtype), a)
-            delta = torch.einsum("btr,bor->bto", delta, b) * self.scale
+            xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [batch, tokens, r]
+            if on is None and output.dtype == b.dtype:
+                # output + scale * xa @ B^T in one call: one [batch, tokens, out] buffer instead of three (product,
+                # scaled product, sum), forward and backward; the base output is not saved by its own backward,
+                # so autograd is unaffected
+                return torch.baddbmm(output, xa, b.transpose(1, 2), alpha=self.scale)
+            delta = torch.bmm(xa, b.transpose(1, 2)) * self.scale
             return output + (delta if on is None else delta * on).to(output.dtype)
 
         return hook
@@ -516,12 +524,23 @@ def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         # does not need it, and with it every frozen layer below the adapters would be recomputed and
         # back-propagated through for nothing
         model.disable_input_require_grads()
+    # The top layer's recompute would run right after its own forward (only the final norm, the LM head at the
+    # labelled positions and the loss lie between), so it is not checkpointed: one layer's forward less per step,
+    # and its activations are alive then anyway for its backward.
+    layers = decoder_layers(model)
+    top = layers[-1] if layers is not None and len(layers) > 1 else None
+    if top is not None and getattr(top, "gradient_checkpointing", False):
+        top.gradient_checkpointing = False
+    else:
+        top = None
     model.train()
     try:
         yield
     finally:
         if not was_on:
             model.gradient_checkpointing_disable()
+        elif top is not None:
+            top.gradient_checkpointing = True
         model.train(was_training)
 
 
