@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--r", type=int, default=8, help="LoRA rank")
     ap.add_argument("--top-layers", default="default",
                     help="ttt.adapt.top_layers: N, a fraction, 'all', or 'default' (TTTConfig's default)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="ttt.adapt.precision: matmul precision of the adaptation steps")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--questions", type=int, default=8, help="batch size for the batched measurement")
     ap.add_argument("--repeats", type=int, default=3)
@@ -65,10 +67,14 @@ def main() -> int:
     from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows
     from finemed_ray.models.tiny import build_tiny_tokenizer, save_tiny_model
     from finemed_ray.synth.teachers import TeacherSpec, make_teacher
-    from finemed_ray.ttt.adapt import TTTConfig, adapt_lora, weights_digest
+    from finemed_ray.ttt.adapt import TTTConfig, adapt_lora, adaptation_dtype, weights_digest
 
     torch.set_num_threads(args.threads)
     model_dir = tempfile.mkdtemp(prefix="bench-ttt-")
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, model_dir, True)  # the model is 0.4-1.6 GB: do not leave it in /tmp
     heads = max(2, args.hidden // 64)
     save_tiny_model(model_dir, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads, num_kv_heads=heads,
                     intermediate_size=int(2.75 * args.hidden))
@@ -98,7 +104,7 @@ def main() -> int:
 
     top = {} if args.top_layers == "default" else {
         "top_layers": None if args.top_layers == "all" else float(args.top_layers)}
-    cfg = TTTConfig(k=args.k, steps=args.steps, r=args.r, lr=1e-3, **top)
+    cfg = TTTConfig(k=args.k, steps=args.steps, r=args.r, lr=1e-3, precision=args.precision, **top)
 
     def request(i: int, adapter: int = -1) -> dict:
         return {"key": items[i]["id"], "messages": [{"role": "user", "content": items[i]["question"]}],
@@ -129,7 +135,8 @@ def main() -> int:
     plain(1), ttt(1)  # warm-up (allocator, kernels)
     results: dict[str, Any] = {"benchmark": "ttt", "host": H.host_info(), "model": {
         "hidden": args.hidden, "layers": args.layers, "parameters": n_params, "weights_mib": round(model_mib, 1)},
-        "ttt": cfg.model_dump(), "max_new_tokens": args.max_new_tokens, "retrieval": retrieval,
+        "ttt": cfg.model_dump(), "adaptation_dtype": str(adaptation_dtype(model, cfg.precision) or "model's own"),
+        "max_new_tokens": args.max_new_tokens, "retrieval": retrieval,
         "targets": {"latency_ratio": 3.0, "memory_growth_fraction": 0.05, "batched8_vs_1": 3.0}}
     mon = H.Monitor(interval=2.0).start()
     plain1 = [plain(1) for _ in range(args.repeats)]
@@ -151,7 +158,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "bench.ttt", "--memory-phase", phase, "--hidden", str(args.hidden),
                    "--layers", str(args.layers), "--k", str(args.k), "--steps", str(args.steps), "--r", str(args.r),
                    "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                   "--top-layers", args.top_layers]
+                   "--top-layers", args.top_layers, "--precision", args.precision]
             env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | extra_env
             out = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, check=True, env=env).stdout
             phases[allocator][phase] = json.loads([l for l in out.splitlines() if l.startswith('{"phase"')][-1])

@@ -41,6 +41,10 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     model_dir = tempfile.mkdtemp(prefix="bench-ttt-lm-head-")
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, model_dir, True)  # the model is 0.4-1.6 GB: do not leave it in /tmp
     heads = max(2, args.hidden // 64)
     save_tiny_model(model_dir, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
                     num_kv_heads=heads, intermediate_size=int(2.75 * args.hidden))

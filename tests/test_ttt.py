@@ -43,7 +43,9 @@ def task():
     return items, neighbours
 
 
-CFG = TTTConfig(top_layers=None, steps=8, lr=1e-2, r=8)  # every layer (the tiny model has 2)
+# every layer (the tiny model has 2); float32 matmuls: these tests check the batching arithmetic to float32
+# rounding (bfloat16 adaptation has its own tests below)
+CFG = TTTConfig(top_layers=None, steps=8, lr=1e-2, r=8, precision="float32")
 CFG_TOP = CFG.model_copy(update={"top_layers": 1})  # the top layer only; the one below runs once per batch
 
 
@@ -290,3 +292,62 @@ def test_bad_neighbours_and_targets_are_named():
     assert neighbour_messages(dpo)[-1]["content"] == "long a."
     with pytest.raises(ConfigError, match="no nn.Linear"):
         BatchedLoRA(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["a"], target_modules=["q_proj"])
+
+
+# ------------------------------------------------------------------------------------------------ mixed precision
+def test_precision_auto_picks_bfloat16_only_for_float32_models_on_bf16_hardware(model_and_tokenizer):
+    import finemed_ray.ttt.adapt as adapt_mod
+
+    model, _ = model_and_tokenizer
+    assert adapt_mod.adaptation_dtype(model, "float32") is None
+    assert adapt_mod.adaptation_dtype(model, "bfloat16") is torch.bfloat16
+    expected = torch.bfloat16 if adapt_mod._cpu_has_native_bf16() else None
+    assert adapt_mod.adaptation_dtype(model, "auto") is expected
+    half = torch.nn.Linear(4, 4).to(torch.bfloat16)  # a model already in half precision: nothing to autocast
+    assert adapt_mod.adaptation_dtype(half, "auto") is None and adapt_mod.adaptation_dtype(half, "bfloat16") is None
+
+
+def test_frozen_linear_function_matches_autocast_linear():
+    from finemed_ray.ttt.adapt import _FrozenLinearFunction
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w, b = torch.randn(8, 16), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x, w, b)
+    (g_ref,) = torch.autograd.grad(ref.float().square().sum(), x)
+    out = _FrozenLinearFunction.apply(x, w, b, torch.bfloat16)
+    (g,) = torch.autograd.grad(out.float().square().sum(), x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_bfloat16_adaptation_keeps_no_cast_weights_and_learns_like_float32(model_and_tokenizer, task):
+    """bfloat16 steps save no bfloat16 copy of any weight for backward (plain autocast would keep one per linear
+    of the adapted layers and the LM head), leave the base weights and their dtype as they were, and train the
+    same adapters as float32 up to bfloat16 rounding."""
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    keys = [it["id"] for it in items[:3]]
+    weight_shapes = {tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}
+    digest = weights_digest(model)
+    saved: list[tuple[torch.dtype, tuple]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    cfg = CFG.model_copy(update={"steps": 2, "precision": "bfloat16"})
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        low = adapt_lora(model, tok, keys, neighbours[:3], cfg)
+    assert any(dtype == torch.bfloat16 for dtype, _ in saved)  # the steps really ran in bfloat16
+    assert not [shape for dtype, shape in saved if dtype == torch.bfloat16 and shape in weight_shapes]
+    assert weights_digest(model) == digest and next(model.parameters()).dtype == torch.float32
+    assert all(t.A.dtype == torch.float32 and t.B.dtype == torch.float32 for t in low.lora.targets)
+    ref = adapt_lora(model, tok, keys, neighbours[:3], cfg.model_copy(update={"precision": "float32"}))
+    assert low.losses == pytest.approx(ref.losses, rel=2e-2)
+    for a, b in zip(low.lora.targets, ref.lora.targets):
+        assert (a.B - b.B).norm() <= 0.1 * b.B.norm(), a.name
+    # the patched forwards are gone: the model computes in float32 again
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -83,6 +83,13 @@ class TTTConfig(StrictModel):
         "fraction of the model's (measured in bench/ttt.py) for some extra compute."
     )
     seed: int = Field(0, description="Seed of the adapter initialisation (per question).")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Matmul precision of the adaptation steps (mixed precision: adapters, gradients, Adam "
+        "state and the loss stay float32). bfloat16 runs the forward/backward matmuls in bfloat16 under autocast, "
+        "without keeping bfloat16 copies of the frozen weights (they are cast per use, also in backward); auto = "
+        "bfloat16 when the model is float32 and the device computes bfloat16 natively (CUDA with bf16, x86 with "
+        "AVX512-BF16 or AMX), else the model's own precision. Generation, and method=full (it trains the base weights), keep the model's "
+        "precision.")
 
     @field_validator("top_layers")
     @classmethod
@@ -309,8 +316,15 @@ class BatchedLoRA:
                 sel = idx.clamp(min=0).to(x.device)
                 a, b = target.A[sel], target.B[sel]  # [batch, r, in], [batch, out, r]
                 on = None if bool((idx >= 0).all()) else (idx >= 0).to(a.dtype).to(x.device)[:, None, None]
-            xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [batch, tokens, r]
-            if on is None and output.dtype == b.dtype:
+            if torch.is_autocast_enabled(x.device.type):
+                # mixed precision: cast the small operand (the adapter), not the activation -- autocast would save a
+                # half-precision copy of x for every adapted module (q, k and v each their own); the rank-r
+                # product costs nothing in x's own precision
+                with torch.autocast(x.device.type, enabled=False):
+                    xa = torch.bmm(x, a.transpose(1, 2).to(x.dtype))  # [batch, tokens, r]
+            else:
+                xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [batch, tokens, r]
+            if on is None and (output.dtype == b.dtype or torch.is_autocast_enabled(output.device.type)):
                 # output + scale * xa @ B^T in one call: one [batch, tokens, out] buffer instead of three (product,
                 # scaled product, sum), forward and backward; the base output is not saved by its own backward,
                 # so autograd is unaffected
@@ -550,6 +564,63 @@ def _adam_kwargs() -> dict[str, Any]:
     return {"fused": True}
 
 
+def _cpu_has_native_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def adaptation_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
+    """The autocast dtype of the adaptation steps for ``precision`` (see ``TTTConfig.precision``); None = none."""
+    param = next(model.parameters())
+    if precision == "float32" or param.dtype != torch.float32:
+        return None  # float32 asked for, or the model already computes in half precision
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if param.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if param.device.type == "cpu" and _cpu_has_native_bf16() else None
+
+
+class _FrozenLinearFunction(torch.autograd.Function):
+    """``x @ W^T + b`` with a frozen ``W`` in ``dtype``; backward casts ``W`` again instead of keeping the cast.
+
+    Under plain autocast, every linear whose input needs a gradient saves its *cast* weight for backward: an extra
+    copy of the adapted layers' weights (and the LM head's) in bfloat16 for the whole step. Here the only saved
+    weight is the original float32 parameter, and a cast lives for one matmul."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        ctx.save_for_backward(weight)
+        ctx.dtype = dtype
+        return nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad.to(ctx.dtype) @ weight.to(ctx.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+@contextmanager
+def low_precision_matmuls(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Autocast to ``dtype`` for the duration, frozen ``nn.Linear`` layers through :class:`_FrozenLinearFunction`."""
+    if dtype is None:
+        yield
+        return
+    device = next(model.parameters()).device.type
+    patched = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad and "forward" not in module.__dict__:
+            module.forward = (lambda x, m=module: _FrozenLinearFunction.apply(x, m.weight, m.bias, dtype))
+            patched.append(module)
+    try:
+        with torch.autocast(device_type=device, dtype=dtype):
+            yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+
+
 @dataclass
 class AdaptResult:
     lora: BatchedLoRA | None
@@ -583,7 +654,8 @@ def adapt_lora(model: nn.Module, tokenizer: Any, keys: Sequence[str], neighbours
         first = min(_layer_index(t.name) or 0 for t in lora.targets)
         try:
             with frozen(model), lora.attached(), checkpointing(model, cfg.gradient_checkpointing), \
-                    reuse_frozen_prefix(model, first):
+                    reuse_frozen_prefix(model, first), \
+                    low_precision_matmuls(model, adaptation_dtype(model, cfg.precision)):
                 for _ in range(cfg.steps):
                     lora.row_adapter = batch["question"]
                     loss = per_question_loss(model, batch, len(keys))
