@@ -86,10 +86,12 @@ class TTTConfig(StrictModel):
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Matmul precision of the adaptation steps (mixed precision: adapters, gradients, Adam "
         "state and the loss stay float32). bfloat16 runs the forward/backward matmuls in bfloat16 under autocast, "
-        "without keeping bfloat16 copies of the frozen weights (they are cast per use, also in backward); auto = "
-        "bfloat16 when the model is float32 and the device computes bfloat16 natively (CUDA with bf16, x86 with "
-        "AVX512-BF16 or AMX), else the model's own precision. Generation, and method=full (it trains the base weights), keep the model's "
-        "precision.")
+        "without keeping bfloat16 copies of the frozen weights (they are cast per use, also in backward). auto = "
+        "bfloat16 for a float32 model on a CUDA device with bf16, else the model's own precision. On CPU bfloat16 "
+        "is opt-in: it halves GEMM time where the CPU has AVX512-BF16/AMX, but oneDNN then keeps kernels and "
+        "buffers per matrix shape, and with the varying token counts of TTT the process grows by ~15-20 MiB per new "
+        "shape (bench/ttt_shape_creep.py). Generation, and method=full (it trains the base weights), keep the "
+        "model's precision.")
 
     @field_validator("top_layers")
     @classmethod
@@ -564,11 +566,6 @@ def _adam_kwargs() -> dict[str, Any]:
     return {"fused": True}
 
 
-def _cpu_has_native_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def adaptation_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
     """The autocast dtype of the adaptation steps for ``precision`` (see ``TTTConfig.precision``); None = none."""
     param = next(model.parameters())
@@ -576,9 +573,11 @@ def adaptation_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
         return None  # float32 asked for, or the model already computes in half precision
     if precision == "bfloat16":
         return torch.bfloat16
-    if param.device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if param.device.type == "cpu" and _cpu_has_native_bf16() else None
+    # auto: CUDA only. On CPU, oneDNN's per-shape caches grow the process with every new token count (see the
+    # precision field), which a long-running server or evaluation cannot afford by default.
+    if param.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
