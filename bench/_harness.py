@@ -45,6 +45,17 @@ def setup_env() -> None:
         os.environ.setdefault(k, v)
 
 
+def scratch_dir(prefix: str) -> str:
+    """A fresh temporary directory removed when the process exits (bench models are 0.4-1.6 GB: leftovers in
+    /tmp fill the disk after a few runs)."""
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def device_name() -> str:
     import torch
 

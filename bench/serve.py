@@ -20,7 +20,6 @@ import asyncio
 import concurrent.futures as cf
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,7 +124,7 @@ def main() -> int:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     questions = [it["question"] for it in sample_mcq_items(paraphrases="heldout")]
-    model_dir = tempfile.mkdtemp(prefix="bench-serve-")
+    model_dir = H.scratch_dir("bench-serve-")
     save_tiny_model(model_dir)
     # Every answer exactly --max-tokens long: the same work per request at every concurrency.
     cfg_path = Path(model_dir) / "generation_config.json"

@@ -59,8 +59,6 @@ def main() -> int:
                     help="internal: run one phase in a fresh process and print its peak RSS")
     args = ap.parse_args()
     H.setup_env()
-    import tempfile
-
     import numpy as np
     import torch
 
@@ -70,11 +68,7 @@ def main() -> int:
     from finemed_ray.ttt.adapt import TTTConfig, adapt_lora, adaptation_dtype, weights_digest
 
     torch.set_num_threads(args.threads)
-    model_dir = tempfile.mkdtemp(prefix="bench-ttt-")
-    import atexit
-    import shutil
-
-    atexit.register(shutil.rmtree, model_dir, True)  # the model is 0.4-1.6 GB: do not leave it in /tmp
+    model_dir = H.scratch_dir("bench-ttt-")
     heads = max(2, args.hidden // 64)
     save_tiny_model(model_dir, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads, num_kv_heads=heads,
                     intermediate_size=int(2.75 * args.hidden))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +39,7 @@ def main() -> int:
     from finemed_ray.synth.teachers import TeacherSpec, make_teacher
 
     torch.set_num_threads(args.threads)
-    model_dir = tempfile.mkdtemp(prefix="bench-ttt-lm-head-")
-    import atexit
-    import shutil
-
-    atexit.register(shutil.rmtree, model_dir, True)  # the model is 0.4-1.6 GB: do not leave it in /tmp
+    model_dir = H.scratch_dir("bench-ttt-lm-head-")
     heads = max(2, args.hidden // 64)
     save_tiny_model(model_dir, hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
                     num_kv_heads=heads, intermediate_size=int(2.75 * args.hidden))

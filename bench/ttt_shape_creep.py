@@ -29,10 +29,6 @@ def rss_mib() -> int:
 
 
 def one(precision: str, iters: int, fixed: bool) -> dict:
-    import atexit
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoTokenizer
 
@@ -42,8 +38,7 @@ def one(precision: str, iters: int, fixed: bool) -> dict:
     from finemed_ray.ttt.adapt import TTTConfig, adapt_lora
 
     torch.set_num_threads(2)
-    model_dir = tempfile.mkdtemp(prefix="bench-creep-")
-    atexit.register(shutil.rmtree, model_dir, True)
+    model_dir = H.scratch_dir("bench-creep-")
     save_tiny_model(model_dir, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=8, intermediate_size=1408)
     model, tok = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
     pool = sample_sft_rows(paraphrases="train", system_prompt=None)
