@@ -56,7 +56,7 @@ def _engine_deployment():
 
                 device = "gpu" if torch.cuda.is_available() else "cpu"
             if self.kind == "hf":
-                self.engine = HFEngine(m["path"], dtype=m["dtype"])
+                self.engine = HFEngine(m["path"], dtype=m["dtype"], onednn_linear=m["onednn_linear"])
                 b = cfg["batching"]
                 self._hf_batch.set_max_batch_size(b["max_batch_size"])
                 self._hf_batch.set_batch_wait_timeout_s(b["batch_wait_timeout_s"])

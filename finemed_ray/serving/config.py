@@ -32,6 +32,9 @@ class ModelSection(StrictModel):
         "auto", description="Where the engine runs; auto = gpu if the cluster has GPUs, else cpu."
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
+    onednn_linear: bool = Field(
+        True, description="hf engine on CPU, float32: decode-step linears through oneDNN (finemed_ray.models.cpu_linear)."
+    )
 
     _check_id = field_validator("id")(classmethod(lambda cls, v: check_model_id(v)))
 

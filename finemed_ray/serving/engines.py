@@ -74,14 +74,17 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 class HFEngine:
     """Batched transformers generation; one batch at a time per replica (a lock), off the event loop."""
 
-    def __init__(self, model_path: str, dtype: str = "float32"):
+    def __init__(self, model_path: str, dtype: str = "float32", onednn_linear: bool = True):
         import torch
 
+        from finemed_ray.models.cpu_linear import use_small_batch_linears
         from finemed_ray.models.loading import load_model, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"
         self.model = load_model(model_path, dtype="float32" if dtype == "auto" else dtype).eval()
+        if onednn_linear:
+            use_small_batch_linears(self.model)  # faster CPU float32 decoding; no weight copy
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()
         self._torch = torch

@@ -116,6 +116,9 @@ class HfExtra(_Extra):
 
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="torch dtype")
     num_cpus: float = Field(1.0, gt=0, description="logical CPUs per map_dataset actor")
+    onednn_linear: bool = Field(
+        True, description="CPU float32 decoding: linears with <= 32 rows through oneDNN (finemed_ray.models.cpu_linear)"
+    )
 
 
 class VllmExtra(_Extra):
@@ -648,6 +651,10 @@ class HfTeacher:
                 tokenizer = load_tokenizer(self.spec.model)
                 tokenizer.padding_side = "left"
                 self._model = load_model(self.spec.model, dtype=self.options.dtype)
+                if self.options.onednn_linear:
+                    from finemed_ray.models.cpu_linear import use_small_batch_linears
+
+                    use_small_batch_linears(self._model)  # no-op off CPU float32 at run time; no weight copy
                 self._tokenizer = tokenizer
         return self._model, self._tokenizer
 
