@@ -41,24 +41,29 @@ Quarantine reasons start with a kind before the first colon (``prompt``, ``chose
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from finemed_ray import storage
-from finemed_ray.data.sft_prepare import RowSelection, _cached_tokenizer, _reason_kind, _row_id, read_input
+from finemed_ray.data.sft_prepare import (
+    RowSelection,
+    _cached_tokenizer,
+    _row_id,
+    check_selected,
+    read_input,
+    tally_prepared,
+    write_quarantine,
+)
 from finemed_ray.data.tokenize import TemplateError, with_system_prompt
 from finemed_ray.errors import ConfigError, DataError
-from finemed_ray.schemas import QUARANTINE_SCHEMA, parse_jsonl_line, to_raw, validate_dpo_row
+from finemed_ray.schemas import parse_jsonl_line, to_raw, validate_dpo_row
 
 Overlong = Literal["truncate", "drop"]
 OVERLONG_POLICIES = ("truncate", "drop")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # TRL 1.16 DPOTrainer's pre-tokenised columns
-STATS_COLUMNS = ["num_tokens", "truncated", "split", "department", "subdepartment", "error"]
 
 PREPARED_DPO_SCHEMA = pa.schema(
     [
@@ -97,7 +102,8 @@ class DPOPrepareSummary:
     rows_filtered_out: int = 0  # valid rows outside data.department / data.subdepartment
     rows_train: int = 0
     rows_eval: int = 0
-    tokens_train: int = 0  # prompt + chosen + rejected tokens of the train rows, after truncation
+    tokens_valid: int = 0  # prompt + chosen + rejected tokens of the valid rows, after truncation
+    tokens_train: int = 0  # the same for the train rows
     departments: dict[str, int] = field(default_factory=dict)  # valid rows per "primary / secondary" label
     quarantine_reasons: dict[str, int] = field(default_factory=dict)  # by kind, e.g. {"overlong": 3, "prompt": 1}
     seconds: float = 0.0
@@ -248,9 +254,6 @@ def prepare_dpo(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     """Tokenise the preference pairs under ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into
     ``<out_uri>/quarantine``. Raises :class:`DataError` when the input has no rows, no valid rows, or the
     department filter selects no training rows."""
-    import ray.data
-    from ray.data.expressions import col
-
     _check_limits(max_length, max_prompt_length, overlong)
     t0 = time.time()
     files, fmt, ds = read_input(input_uri)
@@ -269,58 +272,13 @@ def prepare_dpo(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
 
     summary = DPOPrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri,
                                 max_length=max_length, max_prompt_length=max_prompt_length, overlong=overlong)
-    # The counts need six small columns only: the driver streams them batch by batch straight from the files
-    # (a Ray Data read-back would cost a whole execution for what is a cheap column scan).
-    files_out = storage.list_files(prepared_uri, suffixes=(".parquet",))  # an input without lines may write none
-    stats = pads.dataset([storage.get_filesystem(f)[1] for f in files_out], schema=PREPARED_DPO_SCHEMA,
-                         filesystem=out_fs, format="parquet")
-    for batch in stats.to_batches(columns=STATS_COLUMNS, batch_size=65536):
-        summary.rows_in += batch.num_rows
-        for row in batch.to_pylist():
-            if row["error"] is not None:
-                kind = _reason_kind(row["error"])
-                summary.quarantine_reasons[kind] = summary.quarantine_reasons.get(kind, 0) + 1
-                continue
-            summary.rows_valid += 1
-            summary.rows_truncated += int(row["truncated"])
-            label = f"{row['department'] or '-'} / {row['subdepartment'] or '-'}"
-            summary.departments[label] = summary.departments.get(label, 0) + 1
-            if row["split"] == "filtered":
-                summary.rows_filtered_out += 1
-            elif row["split"] == "eval":
-                summary.rows_eval += 1
-            else:
-                summary.rows_train += 1
-                summary.tokens_train += row["num_tokens"]
-    summary.rows_quarantined = summary.rows_in - summary.rows_valid
-
+    tally_prepared(prepared_uri, PREPARED_DPO_SCHEMA, summary)
     if summary.rows_quarantined:
-        bad = (
-            ray.data.read_parquet(prepared_path, filesystem=out_fs)
-            .select_columns(["error", "raw"])
-            .filter(expr=col("error").is_not_null())
-        )
-        q_fs, q_path = storage.get_filesystem(quarantine_uri)
-        bad.map_batches(
-            lambda t: pa.table(
-                {"dataset": pa.array([input_uri] * t.num_rows, pa.string()), "reason": t["error"], "raw": t["raw"]},
-                schema=QUARANTINE_SCHEMA,
-            ),
-            batch_format="pyarrow",
-        ).write_parquet(q_path, filesystem=q_fs)
+        write_quarantine(prepared_uri, quarantine_uri, input_uri)
     summary.seconds = round(time.time() - t0, 3)
     if summary.rows_in == 0:
         raise DataError(f"{input_uri}: no rows (the input files hold no data lines)")
-    if summary.rows_valid == 0:
-        raise DataError(
-            f"{input_uri}: no valid preference rows ({summary.rows_quarantined} quarantined to {quarantine_uri}; "
-            f"reasons: {json.dumps(summary.quarantine_reasons)})"
-        )
-    if summary.rows_train == 0:
-        raise DataError(
-            f"{input_uri}: the filter {selection.describe()} selects no training rows "
-            f"({summary.rows_valid} valid rows; departments present: {json.dumps(summary.departments)})"
-        )
+    check_selected(summary, selection, what="preference rows")
     return summary
 
 

@@ -181,35 +181,22 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: int,
-                system_prompt: str | None = None, selection: RowSelection = RowSelection(),
-                overlong: str = "truncate") -> PrepareSummary:
-    """Tokenise ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into ``<out_uri>/quarantine``."""
-    import ray.data
-    from ray.data.expressions import col
+STATS_COLUMNS = ["num_tokens", "truncated", "split", "department", "subdepartment", "error"]
 
-    t0 = time.time()
-    files, fmt, ds = read_input(input_uri)
 
-    prepared_uri = storage.join(out_uri, "prepared")
-    quarantine_uri = storage.join(out_uri, "quarantine")
-    for uri in (prepared_uri, quarantine_uri):
-        storage.delete(uri)  # a re-run must not mix old and new files
-    out_fs, prepared_path = storage.get_filesystem(prepared_uri)
-    ds.map_batches(
-        prepare_batch,
-        batch_format="pyarrow",
-        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, system_prompt=system_prompt, fmt=fmt,
-                       selection=selection, overlong=overlong),
-    ).write_parquet(prepared_path, filesystem=out_fs)
+def tally_prepared(prepared_uri: str, schema: pa.Schema, summary: Any) -> None:
+    """Add the counts of the prepared dataset at ``prepared_uri`` to ``summary`` (a :class:`PrepareSummary` or
+    ``DPOPrepareSummary``: rows in / valid / quarantined by reason / truncated / per split, tokens, departments).
 
-    if not storage.list_files(prepared_uri, suffixes=(".parquet",)):  # Ray Data writes no file for 0 rows
-        raise DataError(f"{input_uri}: the dataset is empty (no rows in {', '.join(files)})")
-    summary = PrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri)
-    stats = ray.data.read_parquet(prepared_path, filesystem=out_fs).select_columns(
-        ["num_tokens", "truncated", "split", "department", "subdepartment", "error"]
-    )
-    for batch in stats.iter_batches(batch_format="pyarrow", batch_size=65536):
+    The counts need six small columns only: the driver streams them batch by batch straight from the files (a Ray
+    Data read-back would cost a whole execution for what is a cheap column scan)."""
+    import pyarrow.dataset as pads
+
+    files = storage.list_files(prepared_uri, suffixes=(".parquet",))  # an input without lines may write none
+    fs = storage.get_filesystem(prepared_uri)[0]
+    stats = pads.dataset([storage.get_filesystem(f)[1] for f in files], schema=schema, filesystem=fs,
+                         format="parquet")
+    for batch in stats.to_batches(columns=STATS_COLUMNS, batch_size=65536):
         summary.rows_in += batch.num_rows
         for row in batch.to_pylist():
             if row["error"] is not None:
@@ -230,31 +217,66 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
                 summary.tokens_train += row["num_tokens"]
     summary.rows_quarantined = summary.rows_in - summary.rows_valid
 
-    if summary.rows_quarantined:
-        bad = (
-            ray.data.read_parquet(prepared_path, filesystem=out_fs)
-            .select_columns(["error", "raw"])
-            .filter(expr=col("error").is_not_null())
-        )
-        q_fs, q_path = storage.get_filesystem(quarantine_uri)
-        bad.map_batches(
-            lambda t: pa.table(
-                {"dataset": pa.array([input_uri] * t.num_rows, pa.string()), "reason": t["error"], "raw": t["raw"]},
-                schema=QUARANTINE_SCHEMA,
-            ),
-            batch_format="pyarrow",
-        ).write_parquet(q_path, filesystem=q_fs)
-    summary.seconds = round(time.time() - t0, 3)
+
+def write_quarantine(prepared_uri: str, quarantine_uri: str, input_uri: str) -> None:
+    """The bad rows of a prepared dataset (``error`` set) as ``{dataset, reason, raw}`` rows at ``quarantine_uri``."""
+    import ray.data
+    from ray.data.expressions import col
+
+    fs, path = storage.get_filesystem(prepared_uri)
+    bad = ray.data.read_parquet(path, filesystem=fs).select_columns(["error", "raw"]).filter(
+        expr=col("error").is_not_null())
+    q_fs, q_path = storage.get_filesystem(quarantine_uri)
+    bad.map_batches(
+        lambda t: pa.table(
+            {"dataset": pa.array([input_uri] * t.num_rows, pa.string()), "reason": t["error"], "raw": t["raw"]},
+            schema=QUARANTINE_SCHEMA,
+        ),
+        batch_format="pyarrow",
+    ).write_parquet(q_path, filesystem=q_fs)
+
+
+def check_selected(summary: Any, selection: RowSelection, what: str = "rows") -> None:
+    """DataError when nothing valid was read, or when the department filter leaves no training row."""
     if summary.rows_valid == 0:
         raise DataError(
-            f"{input_uri}: no valid rows ({summary.rows_quarantined} quarantined to {quarantine_uri}; "
-            f"reasons: {json.dumps(summary.quarantine_reasons)})"
+            f"{summary.input_uri}: no valid {what} ({summary.rows_quarantined} quarantined to "
+            f"{summary.quarantine_uri}; reasons: {json.dumps(summary.quarantine_reasons)})"
         )
     if summary.rows_train == 0:
         raise DataError(
-            f"{input_uri}: the filter {selection.describe()} selects no training rows "
+            f"{summary.input_uri}: the filter {selection.describe()} selects no training rows "
             f"({summary.rows_valid} valid rows; departments present: {json.dumps(summary.departments)})"
         )
+
+
+def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: int,
+                system_prompt: str | None = None, selection: RowSelection = RowSelection(),
+                overlong: str = "truncate") -> PrepareSummary:
+    """Tokenise ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into ``<out_uri>/quarantine``."""
+    t0 = time.time()
+    files, fmt, ds = read_input(input_uri)
+
+    prepared_uri = storage.join(out_uri, "prepared")
+    quarantine_uri = storage.join(out_uri, "quarantine")
+    for uri in (prepared_uri, quarantine_uri):
+        storage.delete(uri)  # a re-run must not mix old and new files
+    out_fs, prepared_path = storage.get_filesystem(prepared_uri)
+    ds.map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, system_prompt=system_prompt, fmt=fmt,
+                       selection=selection, overlong=overlong),
+    ).write_parquet(prepared_path, filesystem=out_fs)
+
+    if not storage.list_files(prepared_uri, suffixes=(".parquet",)):  # Ray Data writes no file for 0 rows
+        raise DataError(f"{input_uri}: the dataset is empty (no rows in {', '.join(files)})")
+    summary = PrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri)
+    tally_prepared(prepared_uri, PREPARED_SCHEMA, summary)
+    if summary.rows_quarantined:
+        write_quarantine(prepared_uri, quarantine_uri, input_uri)
+    summary.seconds = round(time.time() - t0, 3)
+    check_selected(summary, selection)
     return summary
 
 
