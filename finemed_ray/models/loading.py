@@ -104,6 +104,55 @@ def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
     return model
 
 
+def load_for_generation(path: str, dtype: str = "float32", onednn_linear: bool = True) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` set up for batched generation: left padding, eval mode, and on CPU float32 the oneDNN
+    small-batch linears (:mod:`finemed_ray.models.cpu_linear`; no weight copy) unless ``onednn_linear`` is off."""
+    from finemed_ray.models.cpu_linear import use_small_batch_linears
+
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "left"
+    model = load_model(path, dtype=dtype)
+    if onednn_linear:
+        use_small_batch_linears(model)  # acts only on CPU float32 inputs without autograd, at run time
+    return model, tokenizer
+
+
+def generate_left_padded(
+    model: Any,
+    prompts: list[list[int]],
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    sampling: dict[str, Any] | None = None,
+    lora: Any = None,
+    row_adapter: list[int] | None = None,
+) -> list[list[int]]:
+    """The new tokens of ``model.generate`` for a batch of prompt token ids, left-padded together (greedy when
+    ``temperature`` is 0; ``sampling``: more ``generate`` arguments for sampled decoding, e.g. ``top_p``).
+    ``lora``: a :class:`finemed_ray.ttt.adapt.BatchedLoRA` over ``model``, attached for the
+    call; ``row_adapter[i]`` is row i's adapter (-1 = none). Rows run to ``max_new_tokens``: callers cut at stops."""
+    import contextlib
+
+    import torch
+
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], dtype=torch.long)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], dtype=torch.long)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, **(sampling or {}))
+    else:  # silence warnings about sampling settings a model's generation_config may carry
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    attach = lora.attached() if lora is not None else contextlib.nullcontext()
+    with torch.no_grad(), attach:
+        if lora is not None:
+            lora.row_adapter = torch.tensor(row_adapter if row_adapter is not None else [-1] * len(prompts),
+                                            dtype=torch.long)
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                             **kwargs)
+    return out[:, width:].tolist()
+
+
 def generate_reply(
     model: Any,
     tokenizer: Any,

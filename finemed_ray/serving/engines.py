@@ -77,14 +77,11 @@ class HFEngine:
     def __init__(self, model_path: str, dtype: str = "float32", onednn_linear: bool = True):
         import torch
 
-        from finemed_ray.models.cpu_linear import use_small_batch_linears
-        from finemed_ray.models.loading import load_model, load_tokenizer
+        from finemed_ray.models.loading import load_for_generation
 
-        self.tokenizer = load_tokenizer(model_path)
-        self.tokenizer.padding_side = "left"
-        self.model = load_model(model_path, dtype="float32" if dtype == "auto" else dtype).eval()
-        if onednn_linear:
-            use_small_batch_linears(self.model)  # faster CPU float32 decoding; no weight copy
+        self.model, self.tokenizer = load_for_generation(
+            model_path, dtype="float32" if dtype == "auto" else dtype, onednn_linear=onednn_linear
+        )
         self.context = getattr(self.model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()
         self._torch = torch
@@ -113,35 +110,27 @@ class HFEngine:
         return out  # type: ignore[return-value]
 
     def _run(self, reqs: list[GenRequest], key: tuple) -> list[GenResult]:
+        from finemed_ray.models.loading import generate_left_padded
         from finemed_ray.ttt.adapt import BatchedLoRA
 
-        torch = self._torch
         ids = [self.prompt_ids(r) for r in reqs]
-        width = max(map(len, ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
-        max_new = max(r.max_tokens for r in reqs)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "pad_token_id": pad}
-        if key[0] == "greedy":
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=key[1], top_p=key[2], top_k=None)
+        temperature, sampling = 0.0, None
+        if key[0] != "greedy":
+            temperature, sampling = key[1], {"top_p": key[2], "top_k": None}
             if key[3] is not None:
-                torch.manual_seed(key[3])
+                self._torch.manual_seed(key[3])
         adapters = [r.adapter for r in reqs]
-        lora = None
+        lora = row_adapter = None
         if any(a is not None for a in adapters):
             uniq = list(OrderedDict((a["id"], a) for a in adapters if a is not None).values())
             lora = BatchedLoRA.from_tensors(self.model, uniq)
             slot = {a["id"]: i for i, a in enumerate(uniq)}
-        attach = lora.attached() if lora is not None else contextlib.nullcontext()
-        with torch.no_grad(), attach:
-            if lora is not None:
-                lora.row_adapter = torch.tensor([slot[a["id"]] if a is not None else -1 for a in adapters])
-            gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            row_adapter = [slot[a["id"]] if a is not None else -1 for a in adapters]
+        rows = generate_left_padded(self.model, ids, pad, max(r.max_tokens for r in reqs), temperature=temperature,
+                                    sampling=sampling, lora=lora, row_adapter=row_adapter)
         results = []
-        for r, row, p in zip(reqs, gen[:, width:].tolist(), ids):
+        for r, row, p in zip(reqs, rows, ids):
             row = row[: r.max_tokens]
             n = next((j + 1 for j, t in enumerate(row) if t in self.stop_ids), None)
             finish = "stop" if n is not None else "length"

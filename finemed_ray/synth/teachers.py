@@ -644,18 +644,13 @@ class HfTeacher:
 
     def load(self) -> tuple[Any, Any]:
         """Load (once) and return ``(model, tokenizer)``; ModelError names the path on failure."""
-        from finemed_ray.models.loading import load_model, load_tokenizer
+        from finemed_ray.models.loading import load_for_generation
 
         with self._lock:
             if self._model is None:
-                tokenizer = load_tokenizer(self.spec.model)
-                tokenizer.padding_side = "left"
-                self._model = load_model(self.spec.model, dtype=self.options.dtype)
-                if self.options.onednn_linear:
-                    from finemed_ray.models.cpu_linear import use_small_batch_linears
-
-                    use_small_batch_linears(self._model)  # no-op off CPU float32 at run time; no weight copy
-                self._tokenizer = tokenizer
+                self._model, self._tokenizer = load_for_generation(
+                    self.spec.model, dtype=self.options.dtype, onednn_linear=self.options.onednn_linear
+                )
         return self._model, self._tokenizer
 
     def _stop_ids(self, model: Any, tokenizer: Any) -> set[int]:
@@ -713,31 +708,14 @@ class HfTeacher:
         self, model: Any, tokenizer: Any, chunk: list[tuple[int, list[int]]], stop_ids: set[int],
         lora: Any = None, adapters: list[int] | None = None,
     ) -> list[tuple[str, int]]:
-        import contextlib
+        from finemed_ray.models.loading import generate_left_padded
 
-        import torch
-
-        width = max(len(ids) for _, ids in chunk)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in chunk], dtype=torch.long)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in chunk], dtype=torch.long)
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": self.spec.max_tokens, "pad_token_id": pad}
-        if self.spec.temperature > 0:
-            gen_kwargs.update(do_sample=True, temperature=self.spec.temperature)
-        else:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        attach = lora.attached() if lora is not None else contextlib.nullcontext()
-        with torch.no_grad(), attach:
-            if lora is not None:
-                lora.row_adapter = torch.tensor(adapters, dtype=torch.long)
-            out = model.generate(
-                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), **gen_kwargs
-            )
+        rows = generate_left_padded(model, [ids for _, ids in chunk], tokenizer.pad_token_id, self.spec.max_tokens,
+                                    temperature=self.spec.temperature, lora=lora, row_adapter=adapters)
         outputs = []
-        for row in out[:, width:].tolist():
+        for row in rows:
             n = next((j + 1 for j, t in enumerate(row) if t in stop_ids), len(row))
-            text = tokenizer.decode(row[:n], skip_special_tokens=True)
-            outputs.append((text, n))
+            outputs.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
         return outputs
 
     def map_dataset(self, ds: ray.data.Dataset) -> ray.data.Dataset:
