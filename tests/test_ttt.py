@@ -351,3 +351,23 @@ def test_bfloat16_adaptation_keeps_no_cast_weights_and_learns_like_float32(model
         assert (a.B - b.B).norm() <= 0.1 * b.B.norm(), a.name
     # the patched forwards are gone: the model computes in float32 again
     assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_adaptation_frees_its_state_and_trims_the_heap(model_and_tokenizer, task, monkeypatch):
+    """After the steps: no gradient kept on the adapters, and the C heap's free pages handed back once (glibc's
+    malloc_trim; on Linux CI it must be available)."""
+    import sys
+
+    from finemed_ray.ttt import adapt
+
+    assert adapt.release_free_heap() is (sys.platform.startswith("linux"))
+    calls = []
+    real = adapt.release_free_heap
+    monkeypatch.setattr(adapt, "release_free_heap", lambda: calls.append(1) or real())
+    model, tok = model_and_tokenizer
+    items, neighbours = task
+    res = adapt.adapt_lora(model, tok, [it["id"] for it in items[:2]], neighbours[:2], CFG.model_copy(update={"steps": 2}))
+    assert calls == [1] and len(res.losses) == 2
+    assert all(p.grad is None and not p.requires_grad for p in res.lora.parameters())
+    adapt.adapt_lora(model, tok, ["q"], [neighbours[0]], CFG.model_copy(update={"steps": 0}))
+    assert calls == [1]  # nothing trained, nothing to trim
