@@ -739,9 +739,10 @@ def full_update(model: nn.Module, tokenizer: Any, neighbours: Sequence[dict], cf
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-            del opt
+            del opt, batch, loss
             for p in params:
                 p.grad = None
+            release_free_heap()  # Adam's state and the activations: back to the OS before answering
         model.train(was_training)
         yield AdaptResult(None, losses, len(examples), time.time() - t0)
     finally:
