@@ -98,3 +98,19 @@ def test_hf_teacher_greedy_text_unchanged(tiny_model_dir, onednn_calls):
         assert bool(onednn_calls) == on  # decode steps (3 rows -> 4) went through oneDNN only when switched on
         assert set(onednn_calls) <= {4}
     assert texts[True] == texts[False]
+
+
+def test_a_failing_op_falls_back_to_f_linear_once_and_for_all(monkeypatch):
+    calls = []
+
+    def broken(x, weight, bias):
+        calls.append(1)
+        raise RuntimeError("_linear_pointwise() got an unexpected signature")
+
+    monkeypatch.setattr(cpu_linear, "_onednn_linear", broken)
+    monkeypatch.setattr(cpu_linear, "_DISABLED", [])
+    w, x = torch.randn(8, 6), torch.randn(3, 6)
+    with pytest.warns(UserWarning, match="falling back to F.linear"):
+        torch.testing.assert_close(small_batch_linear(x, w), F.linear(x, w))
+    torch.testing.assert_close(small_batch_linear(x, w), F.linear(x, w))
+    assert calls == [1]  # not retried on every call

@@ -39,7 +39,12 @@ def row_bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
+_DISABLED: list[str] = []  # the op's failure, once: it is private, and a later torch may change it
+
+
 def _fast_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if _DISABLED:
+        return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -60,7 +65,14 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     padded = row_bucket(rows)
     if padded != rows:
         flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])])
-    out = _onednn_linear(flat.contiguous(), weight.contiguous(), bias)
+    try:
+        out = _onednn_linear(flat.contiguous(), weight.contiguous(), bias)
+    except (RuntimeError, TypeError) as exc:  # a torch whose private op changed: warn once, use F.linear from now on
+        import warnings
+
+        _DISABLED.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"oneDNN small-batch linear disabled, falling back to F.linear: {_DISABLED[0]}", stacklevel=2)
+        return F.linear(x, weight, bias)
     return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
