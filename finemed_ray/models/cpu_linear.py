@@ -4,7 +4,7 @@ Why: PyTorch's CPU float32 ``F.linear`` calls MKL's sgemm, which handles few row
 EPYC, MKL 2024.2): 8 rows x [1024 -> 2816] took 0.92 ms against 0.22 ms for one row, while oneDNN's matmul
 (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile/inductor emits for CPU linears) took 0.43 ms on the
 same plain (unpacked) weight. Decoding is such a matmul per layer and token, so greedy generation of 64 tokens
-went from 1.92 to 1.20 s (one prompt) and 3.88 to 2.69 s (8 prompts) on a 100M model, with identical text
+went from 1.95 to 1.30 s (one prompt) and 3.63 to 2.64 s (8 prompts) on a 100M model, with identical text
 (``python -m bench.cpu_linear``, bench/results/cpu_linear_cpu.json).
 
 Two limits keep it safe:
