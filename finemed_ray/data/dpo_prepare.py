@@ -55,6 +55,7 @@ from finemed_ray.data.sft_prepare import (
     check_selected,
     read_input,
     tally_prepared,
+    write_prepared,
     write_quarantine,
 )
 from finemed_ray.data.tokenize import TemplateError, with_system_prompt
@@ -258,17 +259,11 @@ def prepare_dpo(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     t0 = time.time()
     files, fmt, ds = read_input(input_uri)
 
-    prepared_uri = storage.join(out_uri, "prepared")
-    quarantine_uri = storage.join(out_uri, "quarantine")
-    for uri in (prepared_uri, quarantine_uri):
-        storage.delete(uri)  # a re-run must not mix old and new files
-    out_fs, prepared_path = storage.get_filesystem(prepared_uri)
-    ds.map_batches(
-        prepare_dpo_batch,
-        batch_format="pyarrow",
-        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, max_prompt_length=max_prompt_length,
-                       overlong=overlong, system_prompt=system_prompt, fmt=fmt, selection=selection),
-    ).write_parquet(prepared_path, filesystem=out_fs)
+    prepared_uri, quarantine_uri = write_prepared(
+        ds, out_uri, prepare_dpo_batch, tokenizer_path=tokenizer_path, max_length=max_length,
+        max_prompt_length=max_prompt_length, overlong=overlong, system_prompt=system_prompt, fmt=fmt,
+        selection=selection,
+    )
 
     summary = DPOPrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri,
                                 max_length=max_length, max_prompt_length=max_prompt_length, overlong=overlong)

@@ -250,6 +250,19 @@ def check_selected(summary: Any, selection: RowSelection, what: str = "rows") ->
         )
 
 
+def write_prepared(ds: Any, out_uri: str, batch_fn: Any, **fn_kwargs: Any) -> tuple[str, str]:
+    """Run ``batch_fn`` over ``ds`` into ``<out_uri>/prepared`` (every row, good and bad); returns the prepared and
+    quarantine URIs. Both are emptied first: a re-run must not mix old and new files."""
+    prepared_uri = storage.join(out_uri, "prepared")
+    quarantine_uri = storage.join(out_uri, "quarantine")
+    for uri in (prepared_uri, quarantine_uri):
+        storage.delete(uri)
+    out_fs, prepared_path = storage.get_filesystem(prepared_uri)
+    ds.map_batches(batch_fn, batch_format="pyarrow", fn_kwargs=fn_kwargs).write_parquet(prepared_path,
+                                                                                         filesystem=out_fs)
+    return prepared_uri, quarantine_uri
+
+
 def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: int,
                 system_prompt: str | None = None, selection: RowSelection = RowSelection(),
                 overlong: str = "truncate") -> PrepareSummary:
@@ -257,17 +270,10 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     t0 = time.time()
     files, fmt, ds = read_input(input_uri)
 
-    prepared_uri = storage.join(out_uri, "prepared")
-    quarantine_uri = storage.join(out_uri, "quarantine")
-    for uri in (prepared_uri, quarantine_uri):
-        storage.delete(uri)  # a re-run must not mix old and new files
-    out_fs, prepared_path = storage.get_filesystem(prepared_uri)
-    ds.map_batches(
-        prepare_batch,
-        batch_format="pyarrow",
-        fn_kwargs=dict(tokenizer_path=tokenizer_path, max_length=max_length, system_prompt=system_prompt, fmt=fmt,
-                       selection=selection, overlong=overlong),
-    ).write_parquet(prepared_path, filesystem=out_fs)
+    prepared_uri, quarantine_uri = write_prepared(
+        ds, out_uri, prepare_batch, tokenizer_path=tokenizer_path, max_length=max_length,
+        system_prompt=system_prompt, fmt=fmt, selection=selection, overlong=overlong,
+    )
 
     if not storage.list_files(prepared_uri, suffixes=(".parquet",)):  # Ray Data writes no file for 0 rows
         raise DataError(f"{input_uri}: the dataset is empty (no rows in {', '.join(files)})")
