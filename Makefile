@@ -8,9 +8,14 @@ STAMP := $(VENV)/.finemed-installed
 # pinned through constraints/cpu.txt so nothing pulls a multi-GB CUDA build.
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: install demo test test-slow test-all s3 clean
+.PHONY: install preflight demo test test-slow test-all s3 s3-sample clean
+
+# A C++ compiler (DeepSpeed builds its CPU ops on first use), Python version, free disk: stdlib only, system python.
+preflight:
+	@$(PYTHON) jobs/preflight.py --venv $(VENV)
 
 $(STAMP): pyproject.toml constraints/cpu.txt Makefile
+	@$(PYTHON) jobs/preflight.py --venv $(VENV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(GPU),1)
 	$(PY) -m pip install -e '.[dev,ttt,vllm]'
@@ -26,6 +31,7 @@ endif
 install: $(STAMP)
 
 demo: install
+	@$(PY) jobs/preflight.py --venv $(VENV) --quiet
 	$(PY) -m jobs.demo
 
 test: install
@@ -39,6 +45,10 @@ test-all: install
 
 s3: install
 	$(PY) -m finemed_ray.storage serve-s3 --port 9000 --bucket finemed-demo
+
+# The same server, plus the demo's inputs (tiny model, sample datasets, held-out MCQ, seed corpus) uploaded.
+s3-sample: install
+	$(PY) -m finemed_ray.storage serve-s3 --port 9000 --bucket finemed-demo --sample
 
 clean:
 	rm -rf $(VENV) build *.egg-info
