@@ -859,7 +859,12 @@ def main_s3_server(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9000, help="0 picks a free port")
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    parser.add_argument("--sample", action="store_true",
+                        help="upload the demo's inputs (tiny model, sample datasets, held-out MCQ, seed corpus) to "
+                             "the first --bucket (default finemed-demo), so jobs/ commands can be run by hand")
     args = parser.parse_args(args_in)
+    if args.sample and not args.bucket:
+        args.bucket = ["finemed-demo"]
 
     server = EmbeddedS3(host=args.host, port=args.port, buckets=tuple(args.bucket), verbose=args.verbose)
     try:
@@ -874,12 +879,37 @@ def main_s3_server(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     for key, value in server.env.items():
         print(f"export {key}={shlex.quote(value)}", flush=True)
+    if args.sample:
+        try:
+            _upload_sample(server, args.bucket[0])
+        except Exception as exc:
+            server.stop()
+            print(f"error: uploading the sample inputs failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
     print(f"# S3 server on {server.endpoint_url}; buckets: {', '.join(args.bucket) or '(none)'}; Ctrl-C stops it",
           file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
     server.stop()
     return 0
+
+
+def _upload_sample(server: EmbeddedS3, bucket: str) -> None:
+    """``serve-s3 --sample``: the demo's inputs into ``bucket``, then the URIs and example commands on stdout."""
+    from finemed_ray.data.demo_inputs import upload_demo_inputs
+
+    server.apply_env()  # this process's own clients talk to the server it runs
+    print(f"# uploading the demo's inputs to s3://{bucket}/ ...", file=sys.stderr, flush=True)
+    uris = upload_demo_inputs(bucket, note=lambda text: print(f"# {text}", file=sys.stderr, flush=True))
+    width = max(len(k) for k in uris)
+    print("# uploaded:")
+    for what, uri in uris.items():
+        print(f"#   {what:<{width}}  {uri}")
+    print("# in another shell: paste the export lines above, then e.g.")
+    print("#   python -m jobs.sft --config configs/sft_tiny.yaml")
+    print("#   python -m jobs.train_recipe --config configs/recipe_finemed_tiny.yaml")
+    print("#   python -m jobs.build_index --config configs/index_tiny.yaml")
+    print(f"# ready: {server.endpoint_url}", flush=True)
 
 
 if __name__ == "__main__":
