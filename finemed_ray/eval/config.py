@@ -16,7 +16,8 @@ class PromptSection(StrictModel):
     mode: Literal["reasoning", "direct", "question"] = Field(
         "reasoning",
         description="reasoning: step by step, ending 'the answer is (X)'; direct: the letter only; question: the "
-        "question alone as the user turn, no options listed (log-likelihood on cloze-style tasks).",
+        "question alone as the user turn, no options listed (log-likelihood, or generate: the answer is read by the "
+        "one option text it states, as for models trained to answer in sentences).",
     )
     system_prompt: str | None = Field(
         "You are a helpful professional doctor.", description="System turn (the paper's); null = none."
@@ -81,9 +82,6 @@ class EvalJobConfig(StrictModel):
             raise ValueError(f"ttt.enabled: the evaluation job adapts and answers on the transformers engine "
                              f"(engine.backend=hf), got {self.engine.backend!r}; TTT on vLLM (LoRARequest) is "
                              f"served by the Serve app (finemed_ray/serving)")
-        if self.prompt.mode == "question" and self.scoring.method == "generate":
-            raise ValueError("prompt.mode=question lists no options, so generated letters mean nothing: "
-                             "use scoring.method=loglik")
         names = [b.name for b in self.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"benchmarks: duplicate names {sorted(n for n in set(names) if names.count(n) > 1)}")

@@ -3,7 +3,9 @@
 Items become rows (``key``, ``messages``, benchmark, id, gold, options); the model answers through the same engine
 interface the synthesis teachers and serving use (``finemed_ray.synth.teachers``: ``hf`` transformers, ``vllm``
 through ``ray.data.llm``, or any OpenAI-compatible ``http`` endpoint). Answers are read with
-:func:`finemed_ray.eval.extract.extract_answer`; an unextractable answer is wrong and counted.
+:func:`finemed_ray.eval.extract.extract_answer` (from the ``## Summarization`` part of a reasoning reply), then by
+the one option text the answer states (:func:`finemed_ray.eval.generative.match_option`); an unextractable
+answer is wrong and counted.
 
 ``scoring.method=loglik`` picks the option with the highest log-likelihood instead (small models that cannot follow
 an answer format), on the transformers engine.
@@ -61,12 +63,24 @@ def _item(row: dict) -> MCQItem:
 def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **extra: Any) -> dict[str, Any]:
     from finemed_ray.eval.extract import extract_answer
 
+    from finemed_ray.eval.generative import final_answer, match_option
+
     options = json.loads(row["options"])
     if text is None:
         pred, method = None, "error"
     else:
-        got = extract_answer(text, options)
-        pred, method = got.letter, got.method
+        # A reasoning reply ("## Thought ... ## Summarization ...") is read from its conclusion only: the Thought
+        # may name ruled-out options. No conclusion = no answer. A reply that states one option's text (a model
+        # trained to answer in sentences, not letters) is read by that text.
+        answer, form = final_answer(text, cut_off=False)
+        if answer is None:
+            pred, method = None, form
+        else:
+            got = extract_answer(answer, options)
+            pred, method = got.letter, got.method
+            if pred is None:
+                pred = match_option(answer, list(options.items()))
+                method = "stated_option_text" if pred else "none"
     return {"benchmark": row["benchmark"], "id": row["id"], "gold": row["gold"], "pred": pred,
             "raw": text if text is not None else f"<error: {error}>", "method": method, "ttt": ttt, **extra}
 
