@@ -18,8 +18,15 @@ What goes where while a :class:`RunConsole` is entered, and why:
   is what we want (one file to read), so leave it on. Ray Train V2's controller logs its status through the
   ``ray.train`` loggers and prints reports from the workers through the same driver log path; Ray Data's progress
   bars (``DataContext.enable_progress_bars``, rich/tqdm on fd 2) and its "Execution plan"/"Dataset ... execution
-  finished" INFO lines go to the driver's stderr/logging, so also into the file. ``RAY_DEDUP_LOGS`` (default on)
+  finished" INFO lines go to the driver's stderr (the ``ray.data`` logger's console handler; DEBUG and up also to
+  ``session_latest/logs/ray-data/ray-data.log``), so also into the file. ``RAY_DEDUP_LOGS`` (default on)
   folds repeated worker lines into one "[repeated Nx across cluster]"; that is fine in a log file.
+
+Two things the caller must do, measured with Ray 2.60: call ``ray.shutdown()`` inside the ``with`` block (with
+deduplication on, Ray's log monitor holds repeated worker lines and prints them at shutdown; from an ``atexit``
+hook that is after the console has given fds 1/2 back, so they would reach the terminal), and catch the exception
+that a failed stage re-raises before it leaves the block (the stage has already said FAILED and logged the
+traceback; an exception that escapes the program is printed again by Python on the restored terminal).
 
 :func:`quiet_runtime_env` sets environment defaults (``os.environ.setdefault``: a user's own setting wins) that
 reduce that noise without changing behaviour; errors and warnings still reach the log.
@@ -39,6 +46,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -48,7 +56,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["RunConsole", "StageHandle", "format_duration", "format_table", "quiet_runtime_env"]
+__all__ = ["RunConsole", "StageHandle", "format_duration", "format_table", "quiet_runtime_env", "summarize_exception"]
 
 # Consoles entered in this process, innermost last: a console entered inside another writes to the outer one's
 # terminal, not to the outer one's log file (which is what fd 1 is by then).
@@ -331,8 +339,7 @@ class RunConsole:
     def _report_failure(self, label: str | None, exc: BaseException, elapsed: float | None) -> None:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.log(f"{'[' + label + '] ' if label else ''}traceback:\n{tb}")
-        first = (str(exc).strip().splitlines() or [""])[0]
-        summary = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        summary = summarize_exception(exc)
         where = f" (full traceback in {self.log_path})" if self._log is not None else ""
         prefix = f"[{label}] " if label else ""
         after = f" after {format_duration(elapsed)}" if elapsed is not None else ""
@@ -342,6 +349,19 @@ class RunConsole:
             exc._finemed_console_reported = True  # type: ignore[attr-defined]
         except (AttributeError, TypeError):
             pass
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def summarize_exception(exc: BaseException) -> str:
+    """``Type: first line of the message``, without terminal colour codes. For Ray's task errors (``cause``
+    holds the worker's exception; the message starts with ``ray::task() (pid=..., ip=...)``) the cause's message."""
+    cause = getattr(exc, "cause", None)
+    source = cause if isinstance(cause, BaseException) else exc
+    lines = [ln.strip() for ln in _ANSI.sub("", str(source)).splitlines() if ln.strip()]
+    name = _ANSI.sub("", type(exc).__name__)
+    return f"{name}: {lines[0]}" if lines else name
 
 
 def _flush_std() -> None:

@@ -136,3 +136,17 @@ def test_quiet_runtime_env_respects_user_settings(monkeypatch: pytest.MonkeyPatc
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     for key in set_now:
         monkeypatch.delenv(key)
+
+
+def test_summarize_exception_uses_the_cause_and_drops_colour_codes() -> None:
+    from jobs._console import summarize_exception
+
+    class RayTaskError(Exception):  # shaped like ray.exceptions.RayTaskError: cause = the worker's exception
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("\x1b[36mray::task()\x1b[39m (pid=1, ip=1.2.3.4)\n  File ...\nZeroDivisionError: x")
+            self.cause = cause
+
+    assert summarize_exception(RayTaskError(ZeroDivisionError("division by zero"))) == \
+        "RayTaskError: division by zero"
+    assert summarize_exception(ValueError("\n\x1b[1mbad\x1b[0m value\nmore")) == "ValueError: bad value"
+    assert summarize_exception(KeyboardInterrupt()) == "KeyboardInterrupt"
