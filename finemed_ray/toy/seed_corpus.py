@@ -1,0 +1,137 @@
+"""A small, licence-clean seed corpus for the synthesis demo: three short medical texts per fact of
+:mod:`finemed_ray.data.sample` (64 facts -> 192 texts) plus one planted contaminated text.
+
+The texts were written for this project from the fact tables (CC0); they are simplified teaching prose for a toy
+task, not medical advice. Each text states its fact (drug -> indication, or disease -> first-line test) and has one
+of three forms, named by its heading:
+
+- variant 0, a reference entry (``Formulary entry:`` for drugs, ``Reference entry:`` for diseases);
+- variant 1, a clinic note (``Clinic note:``);
+- variant 2, a case discussion (``Case discussion:``).
+
+No text contains a held-out question paraphrase (sample.py's indices 3 and 4) - except the single planted text
+(``Exam practice item:``), which quotes one held-out multiple-choice question of
+``sample_mcq_items(paraphrases="heldout")`` verbatim, the way copied exam material ends up in web corpora. The
+synthesis demo configures decontamination against those MCQ items, so that text must end up in the quarantine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from finemed_ray.data.sample import DISEASE_TESTS, DRUG_CLASSES, DRUG_INDICATIONS, sample_mcq_items
+
+__all__ = ["SOURCE", "VARIANT_HEADINGS", "PLANTED_HEADING", "planted_mcq_item", "seed_corpus_rows",
+           "write_seed_corpus"]
+
+SOURCE = "finemed-ray seed corpus (written for the project, CC0)"
+N_VARIANTS = 3
+
+# variant -> heading, per fact type ("drug" | "test"), as in sample.py's fact-type names.
+VARIANT_HEADINGS: dict[str, tuple[str, str, str]] = {
+    "drug": ("Formulary entry:", "Clinic note:", "Case discussion:"),
+    "test": ("Reference entry:", "Clinic note:", "Case discussion:"),
+}
+PLANTED_HEADING = "Exam practice item:"
+
+# Two wordings per variant (picked by the fact's index), so neighbouring texts do not read identically.
+_DRUG_TEXTS: tuple[tuple[str, str], ...] = (
+    (
+        "{heading} {Drug} is {drug_class}. It is used to treat {indication}. Before prescribing, check the dose "
+        "against kidney and liver function and review interactions with the patient's other medicines.",
+        "{heading} {Drug} ({drug_class}). Main indication: {indication}. The prescriber should confirm the "
+        "diagnosis, explain common side effects and review at follow-up whether the medicine is still needed.",
+    ),
+    (
+        "{heading} The patient was seen today for {indication}. After discussing the options we started "
+        "{drug}, {drug_class}, which is used to treat {indication}. A review is booked to check the response "
+        "and any side effects.",
+        "{heading} Reviewed in clinic. {Drug} was prescribed today for {indication}; {drug} is {drug_class}. "
+        "The patient was told how to take it, what side effects to expect and when to come back.",
+    ),
+    (
+        "{heading} On the teaching round the team looked at a medication list that included {drug}. The "
+        "residents were asked why it had been prescribed. {Drug} is {drug_class}, and its indication here was "
+        "{indication}; reasoning from the drug class to the indication helps when reconciling medicines.",
+        "{heading} A student presenting a patient could not say why {drug} was on the chart. The consultant "
+        "walked through it: {drug} is {drug_class}, and it is given for {indication}. Checking each medicine "
+        "against a documented indication prevents errors at handover.",
+    ),
+)
+_TEST_TEXTS: tuple[tuple[str, str], ...] = (
+    (
+        "{heading} {Disease}. When {disease} is suspected, the first-line test is {test}. Further "
+        "investigations depend on that result and on the clinical picture.",
+        "{heading} {Disease} - diagnosis. The workup of {disease} starts with {test}, the first-line test. "
+        "More specialised tests are reserved for unclear or complicated cases.",
+    ),
+    (
+        "{heading} Today's symptoms raised concern for {disease}. {Test} was ordered as the first-line test, "
+        "and the patient was told how the result will guide the next steps. Review booked once the result is "
+        "available.",
+        "{heading} Assessment: possible {disease}. Plan: {test} first, as the first-line test, then review "
+        "with the result. Safety-netting advice was given.",
+    ),
+    (
+        "{heading} The team discussed a patient in whom {disease} was one of the leading possibilities. "
+        "Before any advanced imaging or referral, the registrar asked what to do first; the answer was {test}, "
+        "the first-line test for {disease}. Starting with the first-line test keeps the workup quick and avoids "
+        "unnecessary procedures.",
+        "{heading} At the morning meeting a resident proposed several investigations for suspected {disease}. "
+        "The attending pointed out that {test} is the first-line test for {disease} and should come first; "
+        "the rest depends on what it shows.",
+    ),
+)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _fact_text(kind: str, i: int, variant: int) -> str:
+    if kind == "drug":
+        drug, indication = DRUG_INDICATIONS[i][:2]
+        template = _DRUG_TEXTS[variant][i % 2]
+        return template.format(heading=VARIANT_HEADINGS[kind][variant], drug=drug, Drug=_cap(drug),
+                               drug_class=DRUG_CLASSES[drug], indication=indication)
+    disease, test = DISEASE_TESTS[i][:2]
+    template = _TEST_TEXTS[variant][i % 2]
+    return template.format(heading=VARIANT_HEADINGS[kind][variant], disease=disease, Disease=_cap(disease),
+                           test=test, Test=_cap(test))
+
+
+def planted_mcq_item() -> dict[str, Any]:
+    """The held-out MCQ item (of ``sample_mcq_items(paraphrases="heldout")``) the planted text quotes."""
+    return sample_mcq_items(paraphrases="heldout")[0]
+
+
+def _planted_text(item: dict[str, Any]) -> str:
+    options = "; ".join(f"{k}) {v}" for k, v in item["options"].items())
+    return (f'{PLANTED_HEADING} A board-review booklet asks "{item["question"]}" with the options {options}. '
+            f"The keyed answer is {item['answer_idx']}, {item['answer']}.")
+
+
+def seed_corpus_rows() -> list[dict[str, Any]]:
+    """The corpus, in a fixed order: for each fact (drugs, then diseases) its three variants, then the planted
+    text. Keys: ``id`` (``seed-<kind>-<fact>-v<variant>`` / ``seed-planted-<mcq id>``), ``text``, ``source``,
+    ``kind``, ``fact``, ``variant`` (None for the planted text) and ``planted`` (bool)."""
+    rows: list[dict[str, Any]] = []
+    for kind, table in (("drug", DRUG_INDICATIONS), ("test", DISEASE_TESTS)):
+        for i in range(len(table)):
+            for v in range(N_VARIANTS):
+                rows.append({"id": f"seed-{kind}-{i:02d}-v{v}", "text": _fact_text(kind, i, v), "source": SOURCE,
+                             "kind": kind, "fact": i, "variant": v, "planted": False})
+    item = planted_mcq_item()
+    kind, fact = item["id"].split("-")[1], int(item["id"].split("-")[2])
+    rows.append({"id": f"seed-planted-{item['id']}", "text": _planted_text(item), "source": SOURCE, "kind": kind,
+                 "fact": fact, "variant": None, "planted": True})
+    return rows
+
+
+def write_seed_corpus(uri: str) -> str:
+    """Write :func:`seed_corpus_rows` as JSONL to ``uri`` (a local path or ``s3://``); returns ``uri``."""
+    from finemed_ray import storage
+
+    storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in seed_corpus_rows()))
+    return uri
