@@ -164,6 +164,11 @@ class DPOSection(StrictModel):
     max_prompt_length: int | None = Field(
         None, ge=1, description="Prompt tokens kept (cut from the left); null = only data.max_length applies."
     )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an NLL (SFT) loss on the chosen answer added to the DPO loss (RPO, TRL "
+        "loss_type [<loss_type>, sft]); keeps the chosen answers likely while the rejected are pushed down. "
+        "0 = plain DPO (the paper)."
+    )
 
 
 class DPOJobConfig(SFTJobConfig):

@@ -21,6 +21,7 @@ from typing import Any
 
 from finemed_ray import storage
 from finemed_ray.errors import ConfigError, FinemedError
+from finemed_ray import ray_compat
 from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def ensure_ray_address(address: str | None, local_num_cpus: int) -> None:
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     # address="local": always a fresh cluster, never a stray `ray start` cluster found on this machine.
-    ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    # worker_process_setup_hook: see finemed_ray/ray_compat.py (Ray Train's cleaner must not kill live runs).
+    ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env, "worker_process_setup_hook": ray_compat.SETUP_HOOK})
 
 
 # Ray Train (v2) keeps its checkpoint bookkeeping here; re-running a run name with it present resumes.
@@ -204,7 +207,9 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         args = DPOConfig(
             **common,
             beta=cfg.dpo.beta,
-            loss_type=[cfg.dpo.loss_type],
+            # RPO: DPO's loss plus a weighted NLL on the chosen answer (TRL sums the listed losses with these weights)
+            loss_type=[cfg.dpo.loss_type] + (["sft"] if cfg.dpo.sft_weight > 0 else []),
+            loss_weights=[1.0, cfg.dpo.sft_weight] if cfg.dpo.sft_weight > 0 else None,
             truncation_mode="keep_start",  # prepare already fitted every pair into max_length
         )
     else:
