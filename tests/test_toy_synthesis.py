@@ -61,6 +61,13 @@ def test_seed_corpus_states_each_fact_three_times_and_no_heldout_wording():
     assert planted_mcq_item()["question"] in HELDOUT
 
 
+def test_benchmark_holds_every_heldout_wording():
+    from finemed_ray.toy.synthesis import heldout_benchmark_rows
+
+    rows = heldout_benchmark_rows()
+    assert rows[0] == planted_mcq_item() and {r["question"] for r in rows} == set(HELDOUT)
+
+
 def test_write_seed_corpus_local(tmp_path):
     path = write_seed_corpus(str(tmp_path / "seeds.jsonl"))
     lines = open(path).read().splitlines()

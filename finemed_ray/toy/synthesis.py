@@ -19,17 +19,31 @@ from finemed_ray import storage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_CONFIG", "synthesize_demo_data"]
+__all__ = ["DEMO_CONFIG", "heldout_benchmark_rows", "synthesize_demo_data"]
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth_demo.yaml"
 BENCHMARK_NAME = "heldout_mcq"
 
 
+def heldout_benchmark_rows() -> list[dict[str, Any]]:
+    """The decontamination benchmark: the held-out MCQ items (``sample_mcq_items(paraphrases="heldout")``, first,
+    so a hit names the MCQ item) and then every held-out question wording of every fact (paraphrases 3 and 4), so
+    no held-out wording can reach the training data whichever held-out items an evaluation asks."""
+    from finemed_ray.data import sample
+
+    rows = sample.sample_mcq_items(paraphrases="heldout")
+    for kind, table in (("drug", sample.DRUG_INDICATIONS), ("test", sample.DISEASE_TESTS)):
+        for i, fact in enumerate(table):
+            for p in range(sample.N_TRAIN_PARAPHRASES, len(sample.DRUG_QUESTIONS)):
+                rows.append({"id": f"heldout-{kind}-{i:02d}-p{p}", "question": sample._question(kind, fact, p)})
+    return rows
+
+
 def synthesize_demo_data(out_uri: str, work_uri: str, *, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the synthesis pipeline on the demo's seed corpus with the offline teacher.
 
-    ``work_uri`` (local or ``s3://``) receives ``seeds.jsonl`` (the seed corpus) and ``heldout_mcq.jsonl``
-    (``sample_mcq_items(paraphrases="heldout")``, the decontamination benchmark); ``out_uri`` the pipeline's outputs:
+    ``work_uri`` (local or ``s3://``) receives ``seeds.jsonl`` (the seed corpus) and ``heldout_mcq.jsonl`` (the
+    decontamination benchmark, :func:`heldout_benchmark_rows`); ``out_uri`` the pipeline's outputs:
     ``sft/`` (Parquet, hive-partitioned by ``part_department=/part_subdepartment=``), ``reasoning/``, ``dpo/``,
     ``quarantine/``, ``cache/`` and ``manifest.json``. ``overrides`` (``key=value``, as on the command line) are
     applied after the demo's own, so they may change anything, e.g. point ``teachers.models.main`` at a real teacher.
@@ -44,7 +58,7 @@ def synthesize_demo_data(out_uri: str, work_uri: str, *, overrides: list[str] | 
     import ray
 
     from finemed_ray.config import load_config
-    from finemed_ray.data.sample import sample_mcq_items, write_jsonl
+    from finemed_ray.data.sample import write_jsonl
     from finemed_ray.synth.config import SynthJobConfig
     from finemed_ray.synth.pipeline import SynthesisPipeline
     from finemed_ray.toy.offline_teacher import MODEL_NAME, OfflineTeacherServer
@@ -54,7 +68,7 @@ def synthesize_demo_data(out_uri: str, work_uri: str, *, overrides: list[str] | 
     seeds_uri = storage.join(work_uri, "seeds.jsonl")
     bench_uri = storage.join(work_uri, f"{BENCHMARK_NAME}.jsonl")
     write_seed_corpus(seeds_uri)
-    write_jsonl(sample_mcq_items(paraphrases="heldout"), bench_uri)
+    write_jsonl(heldout_benchmark_rows(), bench_uri)
 
     started_ray = False
     with OfflineTeacherServer() as server:
