@@ -205,8 +205,10 @@ def sample_sft_rows(
     return rows
 
 
-def sample_mcq_items(seed: int = 0, paraphrases: Paraphrases = "heldout") -> list[dict[str, Any]]:
-    """One four-option multiple-choice item per fact (chance = 25%).
+def sample_mcq_items(seed: int = 0, paraphrases: Paraphrases = "heldout",
+                     every_paraphrase: bool = False) -> list[dict[str, Any]]:
+    """One four-option multiple-choice item per fact (chance = 25%), or with ``every_paraphrase`` one per fact and
+    paraphrase of the split (128 held-out items: more questions, tighter intervals).
 
     The question uses a paraphrase from the chosen split (picked by ``seed``); the three distractors are other
     answers from the same table, and the gold option's letter is random.
@@ -216,7 +218,7 @@ def sample_mcq_items(seed: int = 0, paraphrases: Paraphrases = "heldout") -> lis
     items = []
     for kind, (table, _, _) in _FACT_TYPES.items():
         answers = [fact[1] for fact in table]
-        for i, fact in enumerate(table):
+        for i, fact in ((i, f) for i, f in enumerate(table) for _ in (pids if every_paraphrase else [None])):
             p = rng.choice(pids)
             distractors = rng.sample([a for a in answers if a != fact[1]], 3)
             options = [fact[1], *distractors]
