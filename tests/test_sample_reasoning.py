@@ -150,3 +150,14 @@ def test_bad_dpo_rows_all_fail_validation():
     assert reasons["bad-prompt-string"].startswith("prompt: expected a list")
     # The schema validator alone lets the two "empty text" rows through; the DPO prepare step catches them.
     assert validate_dpo_row(bad[2]) is None and validate_dpo_row(bad[3]) is None
+
+
+def test_mcq_items_with_every_heldout_wording():
+    from finemed_ray.data.sample import sample_mcq_items
+
+    every = sample_mcq_items(paraphrases="heldout", every_paraphrase=True)
+    assert len(every) == 128 and len({i["id"] for i in every}) == 128
+    assert {i["id"].rsplit("-p", 1)[1] for i in every} == {"3", "4"}  # both held-out wordings, nothing else
+    # the default (one wording per fact) is unchanged by the option
+    assert [i["id"] for i in sample_mcq_items(paraphrases="heldout")] == \
+        [i["id"] for i in sample_mcq_items(paraphrases="heldout", every_paraphrase=False)]

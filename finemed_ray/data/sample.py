@@ -218,8 +218,8 @@ def sample_mcq_items(seed: int = 0, paraphrases: Paraphrases = "heldout",
     items = []
     for kind, (table, _, _) in _FACT_TYPES.items():
         answers = [fact[1] for fact in table]
-        for i, fact in ((i, f) for i, f in enumerate(table) for _ in (pids if every_paraphrase else [None])):
-            p = rng.choice(pids)
+        for i, fact, p in ((i, f, q) for i, f in enumerate(table) for q in (pids if every_paraphrase else [None])):
+            p = rng.choice(pids) if p is None else p
             distractors = rng.sample([a for a in answers if a != fact[1]], 3)
             options = [fact[1], *distractors]
             rng.shuffle(options)
