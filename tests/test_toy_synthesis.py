@@ -41,14 +41,14 @@ def _fold(s: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ seed corpus
-def test_seed_corpus_states_each_fact_three_times_and_no_heldout_wording():
+def test_seed_corpus_states_each_fact_six_times_and_no_heldout_wording():
     rows = seed_corpus_rows()
     assert rows == seed_corpus_rows()  # deterministic
-    assert len(rows) == 3 * N_FACTS + 1 and len({r["id"] for r in rows}) == len(rows)
+    assert len(rows) == 6 * N_FACTS + 1 and len({r["id"] for r in rows}) == len(rows)
     assert len({r["text"] for r in rows}) == len(rows)
     facts = [r for r in rows if not r["planted"]]
     assert sorted((r["kind"], r["fact"], r["variant"]) for r in facts) == sorted(
-        (kind, i, v) for kind, i in FACTS for v in range(3))
+        (kind, i, v) for kind, i in FACTS for v in range(6))
     for r in rows:
         assert r["source"] == SOURCE
         fact = TABLES[r["kind"]][r["fact"]]
@@ -111,7 +111,7 @@ def test_offline_teacher_answers_each_prompt_builder():
         reply = _ask(prompts.follow_up_answer(dialogue + [{"role": "user", "content": follow}], text))
         assert reply.startswith(_plain("test", 1) + " ")
 
-    text2 = rows["seed-drug-05-v2"]  # warfarin, case discussion -> paraphrase 2, complex
+    text2 = rows["seed-drug-05-v5"]  # warfarin, case discussion (handover note) -> paraphrase 2, complex
     q2 = parsing.parse_questions(_ask(prompts.generate_questions(text2, 2)), 2).value[0]
     assert q2 == _q("drug", 5, 2)
     scores = parsing.parse_scores(_ask(prompts.score_question(text2, q2))).value
@@ -184,11 +184,11 @@ def _by_question(rows: list[dict], field: str = "messages") -> dict[str, dict]:
     return out
 
 
-def test_sft_covers_every_fact_with_train_paraphrases_0_and_1(synth):
+def test_sft_covers_every_fact_with_every_train_paraphrase(synth):
     sft = _by_question(synth["sft"])
-    assert len(synth["sft"]) == 2 * N_FACTS == synth["result"]["outputs"]["sft"]["rows"]
+    assert len(synth["sft"]) == 3 * N_FACTS == synth["result"]["outputs"]["sft"]["rows"]
     for kind, i in FACTS:
-        for p in (0, 1):
+        for p in (0, 1, 2):
             row = sft[_q(kind, i, p)]
             assert row["messages"][1]["content"] == _plain(kind, i)
             assert len(row["messages"]) == 4 and row["messages"][3]["content"].startswith(_plain(kind, i))
@@ -196,13 +196,13 @@ def test_sft_covers_every_fact_with_train_paraphrases_0_and_1(synth):
             assert row["source"] == SOURCE
 
 
-def test_reasoning_and_dpo_cover_every_fact_with_paraphrase_2(synth):
+def test_reasoning_and_dpo_cover_every_fact_with_every_train_paraphrase(synth):
     reasoning, dpo = _by_question(synth["reasoning"]), _by_question(synth["dpo"], "prompt")
-    assert len(reasoning) == len(dpo) == N_FACTS
+    assert len(reasoning) == len(dpo) == 3 * N_FACTS
     wrong = 0
-    for kind, i in FACTS:
-        q = _q(kind, i, 2)
-        chosen = sample.reasoning_answer(kind, i, 2)
+    for kind, i, p in ((k, i, p) for k, i in FACTS for p in (0, 1, 2)):
+        q = _q(kind, i, p)
+        chosen = sample.reasoning_answer(kind, i, p)
         assert reasoning[q]["messages"][1]["content"] == chosen
         assert (reasoning[q]["department"], reasoning[q]["subdepartment"]) == fact_labels(kind, i)
         row = dpo[prompts.dpo_prompt(q)[-1]["content"]]
@@ -213,7 +213,7 @@ def test_reasoning_and_dpo_cover_every_fact_with_paraphrase_2(synth):
         if rejected != _plain(kind, i):
             assert TABLES[kind][i][1] not in rejected  # names another fact's indication / test
             wrong += 1
-    assert wrong == N_FACTS // 2  # pairs differ in correctness for half, in reasoning for all
+    assert wrong == 3 * (N_FACTS // 2)  # pairs differ in correctness for half the facts, in reasoning for all
 
 
 def test_no_heldout_wording_anywhere_and_the_planted_question_is_quarantined(synth):
@@ -225,8 +225,8 @@ def test_no_heldout_wording_anywhere_and_the_planted_question_is_quarantined(syn
     steps = {s["step"]: s for s in synth["result"]["steps"]}
     assert steps["decontaminate"]["dropped"] == 1 and steps["decontaminate"]["reasons"] == {"contaminated": 1}
     assert all(s["dropped"] == 0 for name, s in steps.items() if name != "decontaminate")
-    assert synth["result"]["docs"] == 3 * N_FACTS + 1
-    assert synth["result"]["kept_by_kind"] == {"common": 2 * N_FACTS, "complex": N_FACTS}
+    assert synth["result"]["docs"] == 6 * N_FACTS + 1
+    assert synth["result"]["kept_by_kind"] == {"common": 3 * N_FACTS, "complex": 3 * N_FACTS}
 
 
 def test_manifest_names_the_offline_teacher(synth):
@@ -247,8 +247,8 @@ def test_training_data_prep_reads_the_outputs(synth, tiny_model_dir):
     uris, run = synth["result"]["uris"], f"{synth['prefix']}/prep"
     sft = prepare_sft(uris["sft"], str(tiny_model_dir), f"{run}/sft", max_length=256,
                       selection=RowSelection(department="Internal Medicine", subdepartment="Endocrinology"))
-    assert (sft.rows_valid, sft.rows_quarantined, sft.rows_train) == (2 * N_FACTS, 0, 2 * 4)  # 4 endocrine facts
+    assert (sft.rows_valid, sft.rows_quarantined, sft.rows_train) == (3 * N_FACTS, 0, 3 * 4)  # 4 endocrine facts
     assert sft.rows_truncated == 0
     assert all(validate_sft_row(r) is None for r in synth["reasoning"])  # same reader and checks as sft/
     dpo = prepare_dpo(uris["dpo"], str(tiny_model_dir), f"{run}/dpo", max_length=512)
-    assert (dpo.rows_valid, dpo.rows_quarantined) == (N_FACTS, 0)
+    assert (dpo.rows_valid, dpo.rows_quarantined) == (3 * N_FACTS, 0)

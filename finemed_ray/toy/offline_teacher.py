@@ -12,11 +12,12 @@ What it answers, per prompt (recognised by the fixed wording of the prompt build
 
 - primary / secondary department: the fact's departments, mapped onto the paper's taxonomy
   (:data:`TAXONOMY_LABELS`: sample.py uses a few sub-specialties the 6/29 taxonomy lacks);
-- questions: for seed-text variant v (0, 1, 2: reference entry, clinic note, case discussion) the first question is
-  TRAIN paraphrase v of sample.py, so the synthesized data covers exactly the train paraphrases and never a held-out
-  one; the other questions are weaker side questions (drug class, specialty). A text that quotes a question
+- questions: for seed-text variant v (0-2: reference entry, clinic note, patient leaflet; 3-5: case discussions)
+  the first question is TRAIN paraphrase ``v % 3`` of sample.py, so the synthesized data covers exactly the train
+  paraphrases and never a held-out one; the other questions are weaker side questions (drug class, specialty). A text that quotes a question
   (the planted exam item) gets that quoted question, copied verbatim - as a careless teacher would;
-- scores: paraphrases 0/1 (and copied questions) are common (complexity 5), paraphrase 2 complex (complexity 9);
+- scores: questions from case discussions (variants 3-5) are complex (complexity 9), all others common
+  (complexity 5), so every train wording of every fact yields one SFT dialogue and one reasoning dialogue / DPO pair;
   the first question always scores highest, so the paper's selection keeps it;
 - common answers: sample.py's plain answer sentence (the patient-friendly style adds one short sentence); the
   judge picks the plain one;
@@ -36,7 +37,7 @@ from typing import Any
 
 from finemed_ray.data import sample
 from finemed_ray.synth import prompts
-from finemed_ray.toy.seed_corpus import PLANTED_HEADING, VARIANT_HEADINGS
+from finemed_ray.toy.seed_corpus import COMPLEX_VARIANTS, PLANTED_HEADING, VARIANT_HEADINGS, paraphrase_of
 
 __all__ = ["MODEL_NAME", "OfflineTeacherError", "OfflineTeacherServer", "TAXONOMY_LABELS", "fact_labels",
            "is_wrong_direct_answer", "offline_teacher_reply", "recognise_prompt"]
@@ -319,7 +320,7 @@ def offline_teacher_reply(messages: list[dict[str, Any]]) -> str:
                 raise OfflineTeacherError(f"offline teacher: no quoted question in {text[:80]!r}")
             first = quoted.group(1)
         else:
-            first = _QUESTIONS[kind][variant].format(**{_SLOT[kind][1:-1]: name})
+            first = _QUESTIONS[kind][paraphrase_of(variant)].format(**{_SLOT[kind][1:-1]: name})
         if n - 1 > len(_SIDE_QUESTIONS[kind]):
             raise OfflineTeacherError(f"offline teacher: can write at most {len(_SIDE_QUESTIONS[kind]) + 1} "
                                       f"questions per text, {n} asked")
@@ -332,9 +333,9 @@ def offline_teacher_reply(messages: list[dict[str, Any]]) -> str:
         _check_same_fact(_fact_of_text(text), kind, i, question)
         if isinstance(p, str):  # side question: clearly weaker than the paraphrase question
             scores = {"quality": 6, "complexity": 3, "relevance": 4}
-        elif p == 2:  # the case-discussion question: complex (above the paper's threshold of 8)
+        elif _variant(text) in COMPLEX_VARIANTS:  # a case discussion: complex (above the paper's threshold of 8)
             scores = {"quality": 9, "complexity": 9, "relevance": 6}
-        else:  # paraphrases 0/1 and copied questions: common
+        else:  # reference entries, clinic notes, leaflets and copied questions: common
             scores = {"quality": 9, "complexity": 5, "relevance": 6}
         return _json({**scores, "mentions_specific_details": False})
 

@@ -1,5 +1,5 @@
-"""A small, licence-clean seed corpus for the synthesis demo: three short medical texts per fact of
-:mod:`finemed_ray.data.sample` (64 facts -> 192 texts) plus one planted contaminated text.
+"""A small, licence-clean seed corpus for the synthesis demo: six short medical texts per fact of
+:mod:`finemed_ray.data.sample` (64 facts -> 384 texts) plus one planted contaminated text.
 
 The texts were written for this project from the fact tables (CC0); they are simplified teaching prose for a toy
 task, not medical advice. Each text states its fact (drug -> indication, or disease -> first-line test) and has one
@@ -7,7 +7,12 @@ of three forms, named by its heading:
 
 - variant 0, a reference entry (``Formulary entry:`` for drugs, ``Reference entry:`` for diseases);
 - variant 1, a clinic note (``Clinic note:``);
-- variant 2, a case discussion (``Case discussion:``).
+- variant 2, a patient leaflet (``Patient leaflet:``);
+- variants 3-5, case discussions (``Case discussion:``, ``Teaching round:``, ``Handover note:``): the offline
+  teacher scores their questions complex, so they become reasoning dialogues and DPO pairs.
+
+Variant v gets train question wording ``v % 3`` (:func:`paraphrase_of`), so every train wording of every fact
+reaches both the SFT dialogues (variants 0-2) and the reasoning / DPO data (variants 3-5).
 
 No text contains a held-out question paraphrase (sample.py's indices 3 and 4) - except the single planted text
 (``Exam practice item:``), which quotes one held-out multiple-choice question of
@@ -22,16 +27,19 @@ from typing import Any
 
 from finemed_ray.data.sample import DISEASE_TESTS, DRUG_CLASSES, DRUG_INDICATIONS, sample_mcq_items
 
-__all__ = ["SOURCE", "VARIANT_HEADINGS", "PLANTED_HEADING", "planted_mcq_item", "seed_corpus_rows",
+__all__ = ["COMPLEX_VARIANTS", "SOURCE", "VARIANT_HEADINGS", "paraphrase_of", "PLANTED_HEADING", "planted_mcq_item", "seed_corpus_rows",
            "write_seed_corpus"]
 
 SOURCE = "finemed-ray seed corpus (written for the project, CC0)"
-N_VARIANTS = 3
+N_VARIANTS = 6
+COMPLEX_VARIANTS = (3, 4, 5)  # case discussions: the teacher scores their questions complex
 
 # variant -> heading, per fact type ("drug" | "test"), as in sample.py's fact-type names.
-VARIANT_HEADINGS: dict[str, tuple[str, str, str]] = {
-    "drug": ("Formulary entry:", "Clinic note:", "Case discussion:"),
-    "test": ("Reference entry:", "Clinic note:", "Case discussion:"),
+VARIANT_HEADINGS: dict[str, tuple[str, ...]] = {
+    "drug": ("Formulary entry:", "Clinic note:", "Patient leaflet:", "Case discussion:", "Teaching round:",
+             "Handover note:"),
+    "test": ("Reference entry:", "Clinic note:", "Patient leaflet:", "Case discussion:", "Teaching round:",
+             "Handover note:"),
 }
 PLANTED_HEADING = "Exam practice item:"
 
@@ -51,12 +59,21 @@ _DRUG_TEXTS: tuple[tuple[str, str], ...] = (
         "The patient was told how to take it, what side effects to expect and when to come back.",
     ),
     (
+        "{heading} You have been prescribed {drug}. It is {drug_class}, and it is used to treat {indication}. Take "
+        "it exactly as your doctor or pharmacist told you and ask them before stopping it.",
+        "{heading} About {drug}: this medicine is {drug_class}. Doctors prescribe it for {indication}. Tell your "
+        "doctor about any other medicines you take and about side effects you notice.",
+    ),
+    (
         "{heading} On the teaching round the team looked at a medication list that included {drug}. The "
         "residents were asked why it had been prescribed. {Drug} is {drug_class}, and its indication here was "
         "{indication}; reasoning from the drug class to the indication helps when reconciling medicines.",
         "{heading} A student presenting a patient could not say why {drug} was on the chart. The consultant "
         "walked through it: {drug} is {drug_class}, and it is given for {indication}. Checking each medicine "
         "against a documented indication prevents errors at handover.",
+        "{heading} An admitted patient brought a bag of medicines, among them {drug}. The junior doctor had to "
+        "work out what each was for before writing the drug chart: {drug} is {drug_class}, used to treat "
+        "{indication}, so the indication was documented and the medicine continued.",
     ),
 )
 _TEST_TEXTS: tuple[tuple[str, str], ...] = (
@@ -74,6 +91,12 @@ _TEST_TEXTS: tuple[tuple[str, str], ...] = (
         "with the result. Safety-netting advice was given.",
     ),
     (
+        "{heading} Your doctor thinks you may have {disease}. The first test you will have is {test}, the "
+        "first-line test for it. Your doctor will explain the result and what happens next.",
+        "{heading} Checking for {disease}: most people first have {test}, which is the first-line test. "
+        "Other tests are only needed if this one does not give a clear answer.",
+    ),
+    (
         "{heading} The team discussed a patient in whom {disease} was one of the leading possibilities. "
         "Before any advanced imaging or referral, the registrar asked what to do first; the answer was {test}, "
         "the first-line test for {disease}. Starting with the first-line test keeps the workup quick and avoids "
@@ -81,6 +104,9 @@ _TEST_TEXTS: tuple[tuple[str, str], ...] = (
         "{heading} At the morning meeting a resident proposed several investigations for suspected {disease}. "
         "The attending pointed out that {test} is the first-line test for {disease} and should come first; "
         "the rest depends on what it shows.",
+        "{heading} An overnight admission was handed over with {disease} suspected and no tests done yet. The "
+        "day team weighed the options and started with {test}, the first-line test for {disease}, before "
+        "deciding on anything more invasive.",
     ),
 )
 
@@ -89,16 +115,29 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _template(texts: tuple[tuple[str, ...], ...], i: int, variant: int) -> str:
+    """Common variants 0-2 use texts[variant] (two wordings, by fact index); the case discussions 3-5 share
+    texts[3]'s three wordings, rotated so that one fact's three case texts all differ."""
+    if variant in COMPLEX_VARIANTS:
+        cases = texts[3]
+        return cases[(i + variant) % len(cases)]
+    return texts[variant][i % 2]
+
+
 def _fact_text(kind: str, i: int, variant: int) -> str:
     if kind == "drug":
         drug, indication = DRUG_INDICATIONS[i][:2]
-        template = _DRUG_TEXTS[variant][i % 2]
-        return template.format(heading=VARIANT_HEADINGS[kind][variant], drug=drug, Drug=_cap(drug),
-                               drug_class=DRUG_CLASSES[drug], indication=indication)
+        return _template(_DRUG_TEXTS, i, variant).format(
+            heading=VARIANT_HEADINGS[kind][variant], drug=drug, Drug=_cap(drug), drug_class=DRUG_CLASSES[drug],
+            indication=indication)
     disease, test = DISEASE_TESTS[i][:2]
-    template = _TEST_TEXTS[variant][i % 2]
-    return template.format(heading=VARIANT_HEADINGS[kind][variant], disease=disease, Disease=_cap(disease),
-                           test=test, Test=_cap(test))
+    return _template(_TEST_TEXTS, i, variant).format(
+        heading=VARIANT_HEADINGS[kind][variant], disease=disease, Disease=_cap(disease), test=test, Test=_cap(test))
+
+
+def paraphrase_of(variant: int) -> int:
+    """The train question wording (sample.py paraphrase 0-2) the offline teacher writes for a text variant."""
+    return variant % 3
 
 
 def planted_mcq_item() -> dict[str, Any]:
