@@ -912,12 +912,13 @@ def _upload_sample(server: EmbeddedS3, bucket: str) -> None:
     print(f"# ready: {server.endpoint_url}", flush=True)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main_s3_server())
-
-
 def check_writable(uri: str) -> None:
     """Fail fast (before hours of training) if ``uri`` cannot be written: write and delete a probe object."""
     probe = join(uri, f".finemed-write-probe-{os.getpid()}")
     write_bytes(probe, b"")
     delete(probe)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_s3_server())
+

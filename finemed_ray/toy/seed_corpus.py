@@ -27,7 +27,7 @@ from typing import Any
 
 from finemed_ray.data.sample import DISEASE_TESTS, DRUG_CLASSES, DRUG_INDICATIONS, sample_mcq_items
 
-__all__ = ["COMPLEX_VARIANTS", "SOURCE", "VARIANT_HEADINGS", "paraphrase_of", "PLANTED_HEADING", "planted_mcq_item", "seed_corpus_rows",
+__all__ = ["COMPLEX_VARIANTS", "SOURCE", "VARIANT_HEADINGS", "broken_seed_lines", "paraphrase_of", "PLANTED_HEADING", "planted_mcq_item", "seed_corpus_rows",
            "write_seed_corpus"]
 
 SOURCE = "finemed-ray seed corpus (written for the project, CC0)"
@@ -168,9 +168,17 @@ def seed_corpus_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def write_seed_corpus(uri: str) -> str:
-    """Write :func:`seed_corpus_rows` as JSONL to ``uri`` (a local path or ``s3://``); returns ``uri``."""
+def broken_seed_lines() -> list[str]:
+    """Two deliberately broken JSONL lines (a truncated object, a row with an empty text): the demo appends them so
+    a run shows bad input quarantined with a reason, never dropped silently."""
+    return ['{"id": "seed-broken-json", "text": "Metformin is a bigu', json.dumps({"id": "seed-empty-text", "text": " "})]
+
+
+def write_seed_corpus(uri: str, with_broken_lines: bool = False) -> str:
+    """Write :func:`seed_corpus_rows` as JSONL to ``uri`` (a local path or ``s3://``), plus
+    :func:`broken_seed_lines` when asked; returns ``uri``."""
     from finemed_ray import storage
 
-    storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in seed_corpus_rows()))
+    lines = [json.dumps(r, ensure_ascii=False) for r in seed_corpus_rows()]
+    storage.write_text(uri, "".join(line + "\n" for line in lines + (broken_seed_lines() if with_broken_lines else [])))
     return uri

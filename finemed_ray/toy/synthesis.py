@@ -67,7 +67,7 @@ def synthesize_demo_data(out_uri: str, work_uri: str, *, overrides: list[str] | 
     t0 = time.time()
     seeds_uri = storage.join(work_uri, "seeds.jsonl")
     bench_uri = storage.join(work_uri, f"{BENCHMARK_NAME}.jsonl")
-    write_seed_corpus(seeds_uri)
+    write_seed_corpus(seeds_uri, with_broken_lines=True)  # two bad lines: quarantined at read, with a reason
     write_jsonl(heldout_benchmark_rows(), bench_uri)
 
     started_ray = False
