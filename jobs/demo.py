@@ -158,7 +158,7 @@ def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
         summary["copied"] = copied
     summary["demo_seconds"] = round(time.time() - t0, 1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    con.say("\nSummary (held-out questions: n=%d, chance 0.25)" % len(items))
+    con.say(f"\nSummary (held-out questions: n={len(items)}, chance 0.25; whole demo {_dur(summary['demo_seconds'])})")
     con.table(["stage", "metric", "before -> after", "detail", "time", "output"], rows)
     con.say(extras.next_steps(out_dir, summary))
     return summary

@@ -276,8 +276,9 @@ def copy_outputs(root: str, final: str, synth: dict[str, Any], ttt: dict[str, An
 
 
 def next_steps(out_dir: Path, summary: dict[str, Any]) -> str:
+    extra = ", quarantine/ (rows training refused)" if (out_dir / "quarantine").exists() else ""
     return (f"\nOutputs in {out_dir}: model/ (Hugging Face export: vLLM and transformers load it), eval/ (report.md, "
-            f"accuracy.png, predictions.jsonl), synthesis/ (datasets, quarantine, manifest.json), quarantine/, "
+            f"accuracy.png, predictions.jsonl), synthesis/ (datasets, quarantine/, manifest.json){extra}, "
             f"summary.json, demo.log\n"
             f"Next steps:\n"
             f"  serve it:      python -m jobs.serve --config configs/serve_tiny.yaml model.path={out_dir}/model\n"
