@@ -21,7 +21,7 @@ from typing import Any
 
 from finemed_ray import storage
 from finemed_ray.errors import ConfigError, FinemedError
-from finemed_ray import ray_compat
+from finemed_ray import worker_env
 from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,15 @@ def ensure_ray_address(address: str | None, local_num_cpus: int) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    # Ray logs runtime envs: only variables whose names are not secret go there; the secret ones reach the workers
+    # through a private file read by the setup hook (finemed_ray/worker_env.py), which also installs the Ray fixes
+    # of finemed_ray/ray_compat.py (Ray Train's cleaner must not kill live runs).
+    env, secret = worker_env.split_env(os.environ, FORWARDED_ENV_PREFIXES)
+    if secret:
+        env[worker_env.FILE_VAR] = worker_env.write_env_file(secret)
     # address="local": always a fresh cluster, never a stray `ray start` cluster found on this machine.
-    # worker_process_setup_hook: see finemed_ray/ray_compat.py (Ray Train's cleaner must not kill live runs).
     ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env, "worker_process_setup_hook": ray_compat.SETUP_HOOK})
+             runtime_env={"env_vars": env, "worker_process_setup_hook": worker_env.SETUP_HOOK})
 
 
 # Ray Train (v2) keeps its checkpoint bookkeeping here; re-running a run name with it present resumes.
