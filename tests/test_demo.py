@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(2400)  # the demo (~12 min on 2 quiet cores) runs in the first test's fixture
 
 
 @pytest.fixture(scope="module")
