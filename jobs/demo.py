@@ -109,6 +109,7 @@ def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
         con.say(f"  base model (random init): {extras.accuracy_text(base)}")
         summary["stages"] = [{"stage": "base", "eval": extras.brief(base)}]
         prev, stage_cfgs = base, recipe.stage_configs()
+        measured: dict[str, dict[str, Any]] = {}
         for n, (spec, cfg) in enumerate(zip(recipe.stages, stage_cfgs), 1):
             with con.stage(f"4/7 train {n}/{len(recipe.stages)}", extras.describe_stage(spec, cfg)) as h:
                 trained = extras.train_stage(recipe, spec.name)
@@ -130,7 +131,16 @@ def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
                 rows.append(["  dpo, held-out pairs", "preference accuracy / reward margin", 
                              f"0 / 0 -> {p['preference_accuracy']:.3f} / {p['reward_margin']:.2f}",
                              f"n={p['n']}", "", ""])
-            prev = after
+            prev = measured[spec.name] = after
+        # The chain's promise: the reasoning stages make the SFT model better, measured on the same questions.
+        sft_last = [s.name for s in recipe.stages if s.kind == "sft" and s.name != "reasoning"][-1]
+        chain = extras.paired(measured[sft_last], prev)
+        summary["chain"] = {"from": sft_last, "to": recipe.stages[-1].name, **chain}
+        con.say(f"  chain: curriculum SFT ({sft_last}) {chain['before']:.3f} -> final model ({recipe.stages[-1].name}) "
+                f"{chain['after']:.3f} on the same {chain['n']} held-out questions ({chain['gained']} gained, "
+                f"{chain['lost']} lost; McNemar exact p={chain['p_value']:.2g})")
+        rows.append(["chain: SFT -> final", "held-out accuracy (generated)",
+                     f"{chain['before']:.3f} -> {chain['after']:.3f}", f"McNemar p={chain['p_value']:.2g}", "", ""])
         final = stage_cfgs[-1].output.export_path
         summary["final_model"] = final
 

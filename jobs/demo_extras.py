@@ -105,7 +105,7 @@ def measure(model_uri: str, items: list[dict[str, Any]]) -> dict[str, Any]:
 
     model, tokenizer = load_for_generation(resolve_model_path(model_uri))
     gen = mcq_generation_accuracy(model, tokenizer, items, system_prompt=SYSTEM_PROMPT,
-                                  max_new_tokens=MAX_NEW_TOKENS)
+                                  max_new_tokens=MAX_NEW_TOKENS, batch_size=64)
     direct = mcq_loglik_accuracy(model, tokenizer, items, synthetic_option_fact_continuations,
                                  system_prompt=SYSTEM_PROMPT)
     return {**gen, "direct_loglik": direct["accuracy"]}

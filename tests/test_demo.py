@@ -62,6 +62,10 @@ def test_reasoning_sft_and_dpo_keep_or_raise_answer_accuracy(demo):
     assert pref["n"] == 128 and pref["preference_accuracy"] >= 0.9 and pref["reward_margin"] > 0
     assert dpo["accuracy"] >= reasoning["accuracy"] - 0.02
     assert dpo["reasoning_rate"] > 0.8
+    # the chain: the final model answers the held-out questions at least as well as the curriculum-SFT model
+    chain = demo["summary"]["chain"]
+    assert chain["from"] == "stage3-endocrinology" and chain["to"] == "dpo" and chain["n"] == 128
+    assert chain["after"] >= chain["before"] - 0.02, chain
 
 
 @pytest.mark.slow
