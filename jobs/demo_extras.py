@@ -133,6 +133,10 @@ def stage_line(trained: dict[str, Any], before: dict[str, Any], after: dict[str,
     d = trained["data"]
     p = paired(before, after)
     kept = d.get("rows_train", d["rows_valid"]) + d.get("rows_eval", 0)
+    fault = ""
+    if trained.get("resumed_from_step") is not None:  # Ray Train restarted the workers after a fault
+        fault = (f"\n    a worker failed; Ray Train restarted the run and it resumed exactly from its checkpoint at "
+                 f"step {trained['resumed_from_step']} (details in the log)")
     return (f"{kept} of {d['rows_valid']} valid rows ({d.get('rows_filtered_out', 0)} outside the stage's department, "
             f"{d['rows_quarantined']} quarantined), {trained['global_step']} steps, loss "
             f"{trained['first_loss']:.2f} -> {trained['last_loss']:.2f}\n"
@@ -140,7 +144,7 @@ def stage_line(trained: dict[str, Any], before: dict[str, Any], after: dict[str,
             f"{after['chance']:.2f}, McNemar p={p['p_value']:.2g}; reasoning replies {after['reasoning_rate']:.0%}, "
             f"no answer {after['no_answer_rate']:.0%}, cut off {after['cut_off_rate']:.0%})\n"
             f"    direct-answer log-likelihood {before['direct_loglik']:.3f} -> {after['direct_loglik']:.3f} "
-            f"(second column: the format reasoning SFT and DPO train away from)")
+            f"(second column: the format reasoning SFT and DPO train away from)" + fault)
 
 
 def preference(cfg: Any, reference_uri: str) -> dict[str, Any]:

@@ -113,3 +113,17 @@ def test_outputs_are_local_files_a_user_can_open(demo):
         assert (out / rel).is_file(), rel
     assert any((out / "synthesis" / "quarantine").rglob("*.parquet"))
     assert str(out) in demo["terminal"]
+
+
+def test_stage_line_says_when_ray_train_recovered_from_a_fault():
+    """One terminal line says what happened when a stage resumed after a worker fault; none on a clean run."""
+    from jobs.demo_extras import stage_line
+
+    ev = {"accuracy": 0.5, "n": 2, "chance": 0.25, "reasoning_rate": 0, "no_answer_rate": 0, "cut_off_rate": 0,
+          "direct_loglik": 0.5, "predictions": [{"id": 1, "correct": True}, {"id": 2, "correct": False}]}
+    trained = {"data": {"rows_valid": 10, "rows_train": 9, "rows_eval": 1, "rows_quarantined": 0}, "global_step": 5,
+               "first_loss": 2.0, "last_loss": 1.0, "resumed_from_step": None}
+    clean = stage_line(trained, ev, ev)
+    assert "worker failed" not in clean and "held-out accuracy 0.500 -> 0.500 (n=2, chance 0.25" in clean
+    recovered = stage_line({**trained, "resumed_from_step": 3}, ev, ev)
+    assert recovered.splitlines()[-1].strip().startswith("a worker failed") and "step 3" in recovered

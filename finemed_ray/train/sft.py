@@ -532,6 +532,7 @@ class SFTJob:
             "last_loss": meta["loss_history"][-1]["loss"] if meta["loss_history"] else None,
             "samples_seen": meta["samples_seen"],
             "seconds": round(time.time() - self.t0, 3),
+            "resumed_from_step": meta.get("resumed_from_step"),  # set when a worker fault made Ray Train restart
         }
         storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
         return summary
