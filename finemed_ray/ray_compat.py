@@ -8,8 +8,9 @@ both training workers were destroyed ("Destroying worker since its placement gro
 ``FailurePolicy RETRY`` restarted the run from its last checkpoint. :func:`controller_alive` asks the GCS instead
 (the authority on actor state, no dashboard needed) and counts only a ``DEAD`` record as dead: when in doubt it
 keeps the placement group, which Ray frees anyway when the job ends. :func:`install` puts it in place in the
-current process; :data:`SETUP_HOOK` is the ``runtime_env["worker_process_setup_hook"]`` that does it in every
-Ray worker process of a job (the cleaner actor included). Drop this once Ray's cleaner only acts on a DEAD state.
+current process; local clusters call it in every worker process (the cleaner actor included) through
+:func:`finemed_ray.worker_env.setup_worker`, their ``worker_process_setup_hook``; on a cluster of your own name
+``finemed_ray.ray_compat.install`` as the job's hook. Drop this once Ray's cleaner only acts on a DEAD state.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger(__name__)
-
-SETUP_HOOK = "finemed_ray.ray_compat.install"
 
 
 def controller_alive(actor_id: str, timeout: float | None = None) -> bool:

@@ -1,7 +1,9 @@
 """The demo's inputs, uploaded to a bucket so every ``jobs/`` command can be run by hand against them.
 
 ``python -m finemed_ray.storage serve-s3 --bucket finemed-demo --sample`` (``make s3-sample``) calls
-:func:`upload_demo_inputs` after its S3 server starts. The same rows ``make demo`` writes (``jobs/demo.py``):
+:func:`upload_demo_inputs` after its S3 server starts. ``make demo`` itself trains on the synthesized datasets
+(``synth/``); the hand-written sample datasets (``data/``) are inputs for ``jobs.sft`` / ``jobs.dpo`` /
+``jobs.build_index`` run alone:
 
 =========================================  ==========================================================================
 ``s3://BUCKET/models/tiny``                the tiny Llama-style model + tokenizer (``save_tiny_model``)

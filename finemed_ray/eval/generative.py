@@ -78,7 +78,7 @@ def mcq_generation_accuracy(
     ``no_answer_rate``, ``cut_off_rate`` (replies that used the whole ``max_new_tokens`` without an end of turn),
     ``reasoning_rate`` (replies with a summarization section), ``max_new_tokens`` and ``predictions`` (id, gold,
     pred, correct, form, reply) in item order."""
-    from finemed_ray.models.loading import generate_left_padded
+    from finemed_ray.models.loading import generate_left_padded, stop_token_ids
 
     if not items:
         raise DataError("no MCQ items to evaluate")
@@ -91,7 +91,7 @@ def mcq_generation_accuracy(
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         plans.append((item.get("id", n), options, gold))
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
@@ -129,12 +129,4 @@ def mcq_generation_accuracy(
         "max_new_tokens": max_new_tokens,
         "predictions": predictions,
     }
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 

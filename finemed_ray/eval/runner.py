@@ -62,7 +62,6 @@ def _item(row: dict) -> MCQItem:
 
 def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **extra: Any) -> dict[str, Any]:
     from finemed_ray.eval.extract import extract_answer
-
     from finemed_ray.eval.generative import final_answer, match_option
 
     options = json.loads(row["options"])

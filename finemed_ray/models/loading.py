@@ -153,6 +153,20 @@ def generate_left_padded(
     return out[:, width:].tolist()
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Ids that end a generated reply: the model's ``generation_config.eos_token_id`` (one id or a list) and the
+    tokenizer's eos."""
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
 def generate_reply(
     model: Any,
     tokenizer: Any,

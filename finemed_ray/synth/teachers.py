@@ -653,17 +653,6 @@ class HfTeacher:
                 )
         return self._model, self._tokenizer
 
-    def _stop_ids(self, model: Any, tokenizer: Any) -> set[int]:
-        ids: set[int] = set()
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(int(i) for i in eos)
-        if tokenizer.eos_token_id is not None:
-            ids.add(int(tokenizer.eos_token_id))
-        return ids
-
     def generate(self, requests: list[dict], lora: Any = None) -> list[dict]:
         """``lora``: an attached-able :class:`finemed_ray.ttt.adapt.BatchedLoRA` over this teacher's model; then a
         request's ``adapter`` (int, default -1 = none) picks its test-time adapter, per row of a shared batch."""
@@ -692,7 +681,9 @@ class HfTeacher:
             prompts.append((i, ids))
         # Similar lengths together: less padding. Results go back to their input positions.
         prompts.sort(key=lambda p: len(p[1]))
-        stop_ids = self._stop_ids(model, tokenizer)
+        from finemed_ray.models.loading import stop_token_ids
+
+        stop_ids = stop_token_ids(model, tokenizer)
         for start in range(0, len(prompts), self.spec.batch_size):
             chunk = prompts[start : start + self.spec.batch_size]
             adapters = [int(requests[i].get("adapter", -1)) for i, _ in chunk] if lora is not None else None

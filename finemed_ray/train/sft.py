@@ -26,7 +26,8 @@ from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
 
 log = logging.getLogger(__name__)
 
-# Environment forwarded to a local Ray cluster's workers so they reach the same storage and stay offline.
+# Environment forwarded to a local Ray cluster's workers so they reach the same storage and stay offline: through a
+# private file, never the (logged) runtime env (finemed_ray/worker_env.py).
 FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "FINEMED_", "DS_", "TRANSFORMERS_", "VLLM_")
 
 
@@ -96,15 +97,13 @@ def ensure_ray_address(address: str | None, local_num_cpus: int) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # Ray logs runtime envs: only variables whose names are not secret go there; the secret ones reach the workers
-    # through a private file read by the setup hook (finemed_ray/worker_env.py), which also installs the Ray fixes
-    # of finemed_ray/ray_compat.py (Ray Train's cleaner must not kill live runs).
-    env, secret = worker_env.split_env(os.environ, FORWARDED_ENV_PREFIXES)
-    if secret:
-        env[worker_env.FILE_VAR] = worker_env.write_env_file(secret)
+    # Ray logs runtime envs, so the forwarded variables (secrets among them) go in a private file and only its path
+    # in the runtime env; the setup hook loads it in every worker and installs finemed_ray/ray_compat.py's fixes.
+    env_file = worker_env.write_env_file(worker_env.forwarded(os.environ, FORWARDED_ENV_PREFIXES))
     # address="local": always a fresh cluster, never a stray `ray start` cluster found on this machine.
     ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env, "worker_process_setup_hook": worker_env.SETUP_HOOK})
+             runtime_env={"env_vars": {worker_env.FILE_VAR: env_file},
+                          "worker_process_setup_hook": worker_env.SETUP_HOOK})
 
 
 # Ray Train (v2) keeps its checkpoint bookkeeping here; re-running a run name with it present resumes.
