@@ -875,8 +875,12 @@ def main_s3_server(argv: Sequence[str] | None = None) -> int:
         return 2
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    stop_on_signals()
     for key, value in server.env.items():
         print(f"export {key}={shlex.quote(value)}", flush=True)
     if args.sample:
@@ -886,6 +890,10 @@ def main_s3_server(argv: Sequence[str] | None = None) -> int:
             server.stop()
             print(f"error: uploading the sample inputs failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
+        # The sample's synthesis ran a local Ray cluster in this process: ray.init replaces the SIGTERM handler
+        # (and Ray's native failure-signal handler can re-raise it with the default action), so SIGTERM would kill
+        # the server instead of stopping it cleanly. Ours again.
+        stop_on_signals()
     print(f"# S3 server on {server.endpoint_url}; buckets: {', '.join(args.bucket) or '(none)'}; Ctrl-C stops it",
           file=sys.stderr, flush=True)
     while not stop.wait(0.5):

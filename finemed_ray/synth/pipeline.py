@@ -524,7 +524,9 @@ class SynthesisPipeline:
             if n:
                 fs, path = storage.get_filesystem(uri)
                 kwargs = {"partition_cols": ["part_department", "part_subdepartment"]} if name == "sft" else {}
-                rows.write_parquet(path, filesystem=fs, **kwargs)
+                # Sorted: the teacher's calls finish in any order, and a rerun of the same synthesis must give
+                # the same files (training reads them in file order, so the same trained model).
+                rows.sort("dataset" if name == "quarantine" else "id").write_parquet(path, filesystem=fs, **kwargs)
         manifest = self.manifest(docs, outputs)
         storage.write_json(storage.join(self.out, "manifest.json"), manifest)
         return manifest

@@ -56,6 +56,11 @@ class DataSection(StrictModel):
         "truncate",
         description="Rows longer than max_length: cut them (counted as rows_truncated) or quarantine them (drop).",
     )
+    shuffle_buffer: int = Field(
+        10000, ge=0,
+        description="Each epoch, every worker shuffles its rows in windows of this many (seeded by run.seed, rank "
+                    "and epoch, so exact resume replays the same order); 0 trains in file order.",
+    )
 
 
 class TrainSection(StrictModel):

@@ -13,6 +13,7 @@ source yields a single local example (built from the tokenizer, never trained on
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Any, Iterator
 
 import datasets
@@ -26,8 +27,11 @@ class ShardSource:
     One call of ``rows()`` is one epoch over this worker's shard. After ``resume()`` the first epoch skips the
     rows a checkpoint says were already trained, checking their ids against the checkpoint's digest."""
 
-    def __init__(self, shard: Any, probe_example: dict[str, list[int]], columns: tuple[str, ...]):
+    def __init__(self, shard: Any, probe_example: dict[str, list[int]], columns: tuple[str, ...],
+                 shuffle_buffer: int = 0, shuffle_seed: str = ""):
         self.shard = shard
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_seed = shuffle_seed
         self.probe_example = probe_example
         self.columns = columns
         self.armed = False
@@ -59,7 +63,7 @@ class ShardSource:
 
         self._rows_epoch, self.epoch_ids = self.epoch, []
         skip, self._skip = self._skip, 0
-        for row in self.shard.iter_rows():
+        for row in self._epoch_order():
             self.epoch_ids.append(row["id"])
             if len(self.epoch_ids) <= skip:  # trained before the restart: already in seen_ids
                 if len(self.epoch_ids) == skip and ids_digest(self.epoch_ids) != self._skip_digest:
@@ -77,6 +81,25 @@ class ShardSource:
                 f"{len(self.epoch_ids)}"
             )
         self.epoch += 1
+
+    def _epoch_order(self) -> Iterator[dict[str, Any]]:
+        """This epoch's rows: file order, or shuffled in consecutive windows of ``shuffle_buffer`` rows. The
+        shuffle is seeded by (seed, epoch), not drawn from Ray's local shuffle buffer, whose order also depends
+        on block sizes: a restarted worker must replay exactly the order the checkpoint recorded."""
+        rows = self.shard.iter_rows()
+        if not self.shuffle_buffer:
+            yield from rows
+            return
+        rng = random.Random(f"{self.shuffle_seed}:epoch{self.epoch}")
+        window: list[dict[str, Any]] = []
+        for row in rows:
+            window.append(row)
+            if len(window) == self.shuffle_buffer:
+                rng.shuffle(window)
+                yield from window
+                window = []
+        rng.shuffle(window)
+        yield from window
 
     def seen_digest(self) -> str:
         return hashlib.sha256("\n".join(sorted(self.seen_ids)).encode()).hexdigest()

@@ -230,7 +230,8 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     eos = tokenizer.eos_token_id
     columns = ("prompt_ids", "chosen_ids", "rejected_ids") if kind == "dpo" else ("input_ids", "labels")
     source = ShardSource(
-        ray.train.get_dataset_shard("train"), probe_example={c: [eos] for c in columns}, columns=columns
+        ray.train.get_dataset_shard("train"), probe_example={c: [eos] for c in columns}, columns=columns,
+        shuffle_buffer=cfg.data.shuffle_buffer, shuffle_seed=f"{cfg.run.seed}:rank{rank}",
     )
     features = datasets.Features({c: datasets.List(datasets.Value("int32")) for c in columns})
     eval_source = None
