@@ -6,8 +6,15 @@
 A TTT request (``extra_body={"ttt": {...}}`` or model ``<id>:ttt``) first gets an adapter from the TTT deployment
 (retrieval + a fresh LoRA, or a cached one for the same neighbour set), then the engine answers through that
 adapter; plain requests go straight to the engine. The response carries ``ttt``: neighbours, distances, training
-time, cache hit. Every client error is a 4xx with OpenAI's error JSON; anything unexpected is a 500 whose body
-names no internals (the trace goes to the replica log).
+time, cache hit. Every client error is a 4xx with OpenAI's error JSON (the body rules: the docstring of
+``finemed_ray.serving.protocol``); anything unexpected is a 500 whose body names no internals (the trace goes to the
+replica log).
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (API key when configured),
+``GET /health`` (liveness: the ingress answers), ``GET /ready`` (readiness: 200 once the engine has answered a 1-token
+warm-up generation, 503 + Retry-After before), ``GET /openapi.json`` (the request bodies as the protocol models).
+The request handling is :class:`Ingress` (no Ray in it) behind :func:`create_app`; the Serve deployment builds one per
+replica, tests use fake engine handles.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from finemed_ray.serving.protocol import (
     chat_response,
     completion_response,
     new_id,
+    openapi_schemas,
+    parse_request,
     usage,
 )
 
@@ -116,13 +125,247 @@ def _ttt_deployment():
 
 
 # ================================================================================================ ingress
-def _ingress_deployment():
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import ValidationError
-    from ray import serve
+class Ingress:
+    """What the ingress does per request, free of Ray: auth, body limits and validation, the engine call, SSE.
 
-    app = FastAPI(title="finemed-ray", docs_url=None, redoc_url=None, openapi_url=None)
+    ``engine`` and ``ttt`` are deployment handles (``engine.generate.remote(req)``,
+    ``engine.options(stream=True).stream.remote(req)``, ``ttt.adapt.remote(...)``); ``tokenizer`` counts prompt
+    tokens. :func:`create_app` puts it behind FastAPI routes; the Serve deployment builds one per replica. Tests use
+    fakes for all three."""
+
+    READY_WAIT_S = 2.0  # a readiness check waits this long for the warm-up generation before answering 503
+    READY_RETRY_S = 5.0  # a failed warm-up is retried by the next check after this long (also Retry-After)
+
+    def __init__(self, cfg: ServeConfig, engine: Any, ttt: Any, api_key: str | None, tokenizer: Any):
+        self.cfg = cfg
+        self.engine = engine
+        self.ttt = ttt
+        self.api_key = api_key
+        self.tokenizer = tokenizer
+        self.created = int(time.time())
+        self._ready = False
+        self._warmup: Any = None  # asyncio.Task of the warm-up generation
+        self._warmup_at = 0.0
+        self._warmup_error: str | None = None
+
+    def _count_tokens(self, req: GenRequest) -> int:
+        from finemed_ray.serving.engines import prompt_ids
+
+        try:
+            return len(prompt_ids(self.tokenizer, req))
+        except Exception as e:
+            from jinja2 import TemplateError
+
+            if isinstance(e, TemplateError):  # the model's chat template refuses these messages (roles, order)
+                raise APIError(400, f"messages cannot be rendered with the model's chat template: {e}",
+                               param="messages") from None
+            raise
+
+    # ------------------------------------------------------------------------------------ checks
+    def auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not token or not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error",
+                           code="invalid_api_key")
+
+    async def body(self, request: Request, model_cls: type) -> Any:
+        """Auth, the size limit, then :func:`finemed_ray.serving.protocol.parse_request` (its docstring has the
+        rules)."""
+        self.auth(request)
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit}")
+        return parse_request(raw, model_cls)
+
+    def _model(self, model: str, ttt_opts: Any) -> tuple[bool, dict | None]:
+        base, wants_ttt = (model[: -len(TTT_SUFFIX)], True) if model.endswith(TTT_SUFFIX) else (model, False)
+        try:
+            check_model_id(base)
+        except ValueError as e:
+            raise APIError(400, str(e), param="model") from None
+        if base != self.cfg.model.id:
+            raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists the served models",
+                           param="model", code="model_not_found")
+        wants_ttt = wants_ttt or ttt_opts is not None
+        if not wants_ttt:
+            return False, None
+        t = self.cfg.ttt
+        if not t.enabled:
+            raise APIError(400, "test-time training is not enabled on this server", param="ttt")
+        k = ttt_opts.k if ttt_opts and ttt_opts.k is not None else t.adapt.k
+        steps = ttt_opts.steps if ttt_opts and ttt_opts.steps is not None else t.adapt.steps
+        if k > t.max_k:
+            raise APIError(400, f"ttt.k={k} exceeds the limit of {t.max_k}", param="ttt.k")
+        if steps > t.max_steps:
+            raise APIError(400, f"ttt.steps={steps} exceeds the limit of {t.max_steps}", param="ttt.steps")
+        return True, {"k": k, "steps": steps}
+
+    async def gen_request(self, body: Any, chat: bool) -> tuple[GenRequest, dict | None]:
+        lim = self.cfg.limits
+        n = body.choices()
+        if n > lim.max_n:
+            raise APIError(400, f"n={n} exceeds the limit of {lim.max_n}", param="n")
+        if n != 1:  # GenRequest has no n: the engines return one choice per request
+            raise APIError(400, f"n={n} is not supported: this server returns one choice per request", param="n")
+        max_tokens = body.wanted_tokens(min(256, lim.max_tokens))
+        if max_tokens > lim.max_tokens:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{field}={max_tokens} exceeds the limit of {lim.max_tokens}", param=field)
+        if chat:
+            if len(body.messages) > lim.max_messages:
+                raise APIError(400, f"{len(body.messages)} messages exceed the limit of {lim.max_messages}",
+                               param="messages")
+            chars = sum(len(m.content) for m in body.messages)
+        else:
+            chars = len(body.prompt)
+        if chars > lim.max_prompt_chars:
+            raise APIError(400, f"prompt of {chars} characters exceeds the limit of {lim.max_prompt_chars}",
+                           param="messages" if chat else "prompt")
+        ttt, ttt_args = self._model(body.model, body.ttt)
+        temperature, top_p = body.sampling()
+        req = GenRequest(
+            request_id=new_id("req"),
+            messages=[{"role": m.role, "content": m.content} for m in body.messages] if chat else None,
+            prompt=None if chat else body.prompt, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, stop=body.stops(), seed=body.seed)
+        n_prompt = self._count_tokens(req)
+        if n_prompt + max_tokens > self.cfg.model.max_model_len:
+            raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                           f"context of {self.cfg.model.max_model_len} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        info = None
+        if ttt:
+            question = (next(m.content for m in reversed(body.messages) if m.role == "user")
+                        if chat else body.prompt)
+            got = await self.ttt.adapt.remote((question, ttt_args["k"], ttt_args["steps"]))
+            req.adapter = got["adapter"]
+            info = got["info"]
+        return req, info
+
+    # ------------------------------------------------------------------------------------ readiness
+    async def ready(self) -> tuple[bool, str]:
+        """True once the engine has answered one generation (a 1-token warm-up, started by the first check and
+        shared by concurrent ones; cached once it succeeded; a failed one is retried after READY_RETRY_S)."""
+        import asyncio
+
+        if self._ready:
+            return True, "ready"
+        now = time.monotonic()
+        if (self._warmup is None or self._warmup.get_loop() is not asyncio.get_running_loop()
+                or (self._warmup.done() and now - self._warmup_at >= self.READY_RETRY_S)):
+            self._warmup_at = now
+            self._warmup = asyncio.ensure_future(self._warm_up())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._warmup), self.READY_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+        if self._ready:
+            return True, "ready"
+        return False, self._warmup_error or "the engine has not answered its warm-up generation yet"
+
+    async def _warm_up(self) -> None:
+        try:
+            await self.engine.generate.remote(GenRequest(request_id=new_id("ready"), prompt="Hello", max_tokens=1,
+                                                         temperature=0.0))
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception("warm-up generation failed (reference %s)", ref)
+            self._warmup_error = f"the engine's warm-up generation failed (reference {ref}); retrying"
+            return
+        self._ready = True
+
+    # ------------------------------------------------------------------------------------ endpoints
+    def models(self, request: Request) -> dict[str, Any]:
+        self.auth(request)
+        ids = [self.cfg.model.id] + ([self.cfg.model.id + TTT_SUFFIX] if self.cfg.ttt.enabled else [])
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": self.created,
+                                            "owned_by": "finemed-ray"} for i in ids]}
+
+    async def chat(self, request: Request):
+        from fastapi.responses import StreamingResponse
+
+        body = await self.body(request, ChatCompletionRequest)
+        req, info = await self.gen_request(body, chat=True)
+        if body.streaming():
+            return StreamingResponse(self._sse(req, body.model, True, info, body.include_usage()),
+                                     media_type="text/event-stream")
+        res: GenResult = await self.engine.generate.remote(req)
+        return chat_response(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
+                             info)
+
+    async def completions(self, request: Request):
+        from fastapi.responses import StreamingResponse
+
+        body = await self.body(request, CompletionRequest)
+        req, info = await self.gen_request(body, chat=False)
+        if body.streaming():
+            return StreamingResponse(self._sse(req, body.model, False, info, body.include_usage()),
+                                     media_type="text/event-stream")
+        res: GenResult = await self.engine.generate.remote(req)
+        return completion_response(body.model, res.text, res.finish_reason, res.prompt_tokens,
+                                   res.completion_tokens, info)
+
+    async def _sse(self, req: GenRequest, model: str, chat: bool, info: dict | None, include_usage: bool):
+        cid = new_id("chatcmpl" if chat else "cmpl")
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: dict | str | None, finish: str | None) -> str:
+            if chat:
+                choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            payload = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            if info is not None:
+                payload["ttt"] = info
+            return f"data: {json.dumps(payload)}\n\n"
+
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""}, None)
+            gen = self.engine.options(stream=True).stream.remote(req)
+            async for event in gen:
+                if "delta" in event:
+                    yield chunk({"content": event["delta"]} if chat else event["delta"], None)
+                else:
+                    yield chunk({} if chat else "", event["finish_reason"])
+                    if include_usage:
+                        yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
+                                                     "choices": [], "usage": usage(event["prompt_tokens"],
+                                                                                   event["completion_tokens"])}
+                                                    ) + "\n\n"
+            yield "data: [DONE]\n\n"
+        except Exception:  # headers are sent: report in-band, without internals
+            ref = uuid.uuid4().hex[:12]
+            log.exception("stream error %s", ref)
+            yield "data: " + json.dumps(APIError(500, f"internal error (reference {ref})",
+                                                 "server_error").body()) + "\n\n"
+
+
+def _body_of(name: str) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its body itself: the JSON body is the protocol model ``name``."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def create_app(ingress: Ingress):
+    """The FastAPI app of one ingress replica: routes call ``ingress``; every error is OpenAI's error JSON.
+
+    Routes read their bodies themselves (size limit before parsing, a nesting-depth limit, strict validation: see
+    ``finemed_ray.serving.protocol``); ``/openapi.json`` describes those bodies through ``openapi_extra`` and the
+    protocol models' JSON schemas in ``components.schemas``."""
+    from fastapi import FastAPI
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="finemed-ray", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -145,189 +388,61 @@ def _ingress_deployment():
         return JSONResponse(APIError(500, f"internal error (reference {ref})", "server_error").body(),
                             status_code=500)
 
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the ingress answers (the engine may still be loading)."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: 200 once the engine has answered a (1-token warm-up) generation; 503 with Retry-After
+        before."""
+        ok, detail = await ingress.ready()
+        if ok:
+            return {"status": "ready"}
+        return JSONResponse(APIError(503, detail, "service_unavailable_error", code="not_ready").body(),
+                            status_code=503, headers={"Retry-After": str(int(ingress.READY_RETRY_S))})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        return ingress.models(request)
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_of("ChatCompletionRequest"))
+    async def chat(request: Request):
+        return await ingress.chat(request)
+
+    @app.post("/v1/completions", openapi_extra=_body_of("CompletionRequest"))
+    async def completions(request: Request):
+        return await ingress.completions(request)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas())
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _ingress_deployment():
+    from ray import serve
+
+    # The app is built on the replica, after __init__ (Serve's late-bound ingress: `serve.ingress()` without an app
+    # calls `__serve_build_asgi_app__`), so its routes are plain functions over this replica's Ingress.
     @serve.deployment
-    @serve.ingress(app)
+    @serve.ingress()
     class OpenAIIngress:
         def __init__(self, cfg: dict[str, Any], engine: Any, ttt: Any, api_key: str | None):
-            self.cfg = ServeConfig.model_validate(cfg)
-            self.engine = engine
-            self.ttt = ttt
-            self.api_key = api_key
-            self.created = int(time.time())
             from finemed_ray.models.loading import load_tokenizer
 
+            config = ServeConfig.model_validate(cfg)
             # Prompt length is checked here, not with a round trip to the engine: one RPC less per request.
-            self.tokenizer = load_tokenizer(self.cfg.model.path)
+            self.ingress = Ingress(config, engine, ttt, api_key, load_tokenizer(config.model.path))
 
-        def _count_tokens(self, req: GenRequest) -> int:
-            from finemed_ray.serving.engines import prompt_ids
-
-            return len(prompt_ids(self.tokenizer, req))
-
-        # ------------------------------------------------------------------------------------ checks
-        def _auth(self, request: Request) -> None:
-            if not self.api_key:
-                return
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not token or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error",
-                               code="invalid_api_key")
-
-        async def _body(self, request: Request, model_cls: type) -> Any:
-            self._auth(request)
-            limit = self.cfg.limits.max_body_bytes
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
-            raw = await request.body()
-            if len(raw) > limit:
-                raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit}")
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"request body is not valid JSON: {e}") from None
-            if not isinstance(data, dict):
-                raise APIError(400, "request body must be a JSON object")
-            try:
-                return model_cls.model_validate(data)
-            except ValidationError as e:
-                err = e.errors()[0]
-                loc = ".".join(str(x) for x in err["loc"])
-                raise APIError(400, f"{loc}: {err['msg']}", param=loc) from None
-
-        def _model(self, model: str, ttt_opts: Any) -> tuple[bool, dict | None]:
-            base, wants_ttt = (model[: -len(TTT_SUFFIX)], True) if model.endswith(TTT_SUFFIX) else (model, False)
-            try:
-                check_model_id(base)
-            except ValueError as e:
-                raise APIError(400, str(e), param="model") from None
-            if base != self.cfg.model.id:
-                raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists the served models",
-                               param="model", code="model_not_found")
-            wants_ttt = wants_ttt or ttt_opts is not None
-            if not wants_ttt:
-                return False, None
-            t = self.cfg.ttt
-            if not t.enabled:
-                raise APIError(400, "test-time training is not enabled on this server", param="ttt")
-            k = ttt_opts.k if ttt_opts and ttt_opts.k is not None else t.adapt.k
-            steps = ttt_opts.steps if ttt_opts and ttt_opts.steps is not None else t.adapt.steps
-            if k > t.max_k:
-                raise APIError(400, f"ttt.k={k} exceeds the limit of {t.max_k}", param="ttt.k")
-            if steps > t.max_steps:
-                raise APIError(400, f"ttt.steps={steps} exceeds the limit of {t.max_steps}", param="ttt.steps")
-            return True, {"k": k, "steps": steps}
-
-        async def _gen_request(self, body: Any, chat: bool) -> tuple[GenRequest, dict | None]:
-            lim = self.cfg.limits
-            if body.n > lim.max_n:
-                raise APIError(400, f"n={body.n} exceeds the limit of {lim.max_n}", param="n")
-            max_tokens = body.wanted_tokens(min(256, lim.max_tokens))
-            if max_tokens > lim.max_tokens:
-                raise APIError(400, f"max_tokens={max_tokens} exceeds the limit of {lim.max_tokens}",
-                               param="max_tokens")
-            if chat:
-                if len(body.messages) > lim.max_messages:
-                    raise APIError(400, f"{len(body.messages)} messages exceed the limit of {lim.max_messages}",
-                                   param="messages")
-                if not any(m.role == "user" and m.content.strip() for m in body.messages):
-                    raise APIError(400, "messages must contain a non-empty user message", param="messages")
-                chars = sum(len(m.content) for m in body.messages)
-            else:
-                chars = len(body.prompt)
-            if chars > lim.max_prompt_chars:
-                raise APIError(400, f"prompt of {chars} characters exceeds the limit of {lim.max_prompt_chars}",
-                               param="messages" if chat else "prompt")
-            ttt, ttt_args = self._model(body.model, body.ttt)
-            req = GenRequest(
-                request_id=new_id("req"),
-                messages=[m.model_dump() for m in body.messages] if chat else None,
-                prompt=None if chat else body.prompt, max_tokens=max_tokens, temperature=body.temperature,
-                top_p=body.top_p, stop=body.stops(), seed=body.seed)
-            n_prompt = self._count_tokens(req)
-            if n_prompt + max_tokens > self.cfg.model.max_model_len:
-                raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                               f"context of {self.cfg.model.max_model_len} tokens", param="max_tokens",
-                               code="context_length_exceeded")
-            info = None
-            if ttt:
-                question = (next(m.content for m in reversed(body.messages) if m.role == "user")
-                            if chat else body.prompt)
-                got = await self.ttt.adapt.remote((question, ttt_args["k"], ttt_args["steps"]))
-                req.adapter = got["adapter"]
-                info = got["info"]
-            return req, info
-
-        # ------------------------------------------------------------------------------------ routes
-        @app.get("/health")
-        async def health(self) -> dict[str, str]:
-            return {"status": "ok"}
-
-        @app.get("/v1/models")
-        async def models(self, request: Request) -> dict[str, Any]:
-            self._auth(request)
-            ids = [self.cfg.model.id] + ([self.cfg.model.id + TTT_SUFFIX] if self.cfg.ttt.enabled else [])
-            return {"object": "list", "data": [{"id": i, "object": "model", "created": self.created,
-                                                "owned_by": "finemed-ray"} for i in ids]}
-
-        @app.post("/v1/chat/completions")
-        async def chat(self, request: Request):
-            body = await self._body(request, ChatCompletionRequest)
-            req, info = await self._gen_request(body, chat=True)
-            if body.stream:
-                return StreamingResponse(self._sse(req, body.model, True, info, body.include_usage()),
-                                         media_type="text/event-stream")
-            res: GenResult = await self.engine.generate.remote(req)
-            return chat_response(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
-                                 info)
-
-        @app.post("/v1/completions")
-        async def completions(self, request: Request):
-            body = await self._body(request, CompletionRequest)
-            req, info = await self._gen_request(body, chat=False)
-            if body.stream:
-                return StreamingResponse(self._sse(req, body.model, False, info, body.include_usage()),
-                                         media_type="text/event-stream")
-            res: GenResult = await self.engine.generate.remote(req)
-            return completion_response(body.model, res.text, res.finish_reason, res.prompt_tokens,
-                                       res.completion_tokens, info)
-
-        async def _sse(self, req: GenRequest, model: str, chat: bool, info: dict | None, include_usage: bool):
-            cid = new_id("chatcmpl" if chat else "cmpl")
-            created = int(time.time())
-            obj = "chat.completion.chunk" if chat else "text_completion"
-
-            def chunk(delta: dict | str | None, finish: str | None) -> str:
-                if chat:
-                    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
-                else:
-                    choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-                payload = {"id": cid, "object": obj, "created": created, "model": model, "choices": [choice]}
-                if info is not None:
-                    payload["ttt"] = info
-                return f"data: {json.dumps(payload)}\n\n"
-
-            try:
-                if chat:
-                    yield chunk({"role": "assistant", "content": ""}, None)
-                gen = self.engine.options(stream=True).stream.remote(req)
-                async for event in gen:
-                    if "delta" in event:
-                        yield chunk({"content": event["delta"]} if chat else event["delta"], None)
-                    else:
-                        yield chunk({} if chat else "", event["finish_reason"])
-                        if include_usage:
-                            yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
-                                                         "choices": [], "usage": usage(event["prompt_tokens"],
-                                                                                       event["completion_tokens"])}
-                                                        ) + "\n\n"
-                yield "data: [DONE]\n\n"
-            except Exception:  # headers are sent: report in-band, without internals
-                ref = uuid.uuid4().hex[:12]
-                log.exception("stream error %s", ref)
-                yield "data: " + json.dumps(APIError(500, f"internal error (reference {ref})",
-                                                     "server_error").body()) + "\n\n"
+        def __serve_build_asgi_app__(self):
+            return create_app(self.ingress)
 
     return OpenAIIngress
 
