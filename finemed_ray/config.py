@@ -26,7 +26,10 @@ class StrictModel(BaseModel):
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value). The value is parsed as YAML so ``3``, ``1e-5``, ``true``,
-    ``null`` and ``[1, 2]`` get their natural types; pydantic then checks them against the schema."""
+    ``null`` and ``[1, 2]`` get their natural types; pydantic then checks them against the schema.
+
+    A segment that is a non-negative integer (``stages.3.overrides.train.epochs=8``, ``benchmarks.0.path=s3://x``)
+    indexes into an existing list when :func:`apply_overrides` walks the path; segments stay strings here."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value (e.g. train.learning_rate=1e-5)")
     key, raw = item.split("=", 1)
@@ -40,20 +43,66 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _is_index(part: str) -> bool:
+    return part.isascii() and part.isdigit()
+
+
+def _step(node: Any, part: str, item: str, path: list[str], depth: int) -> tuple[Any, Any]:
+    """Resolve ``part`` in ``node``: (container, key) such that ``container[key]`` is the addressed slot.
+
+    Lists take only an in-range integer index; an integer segment never creates anything (no list is made from
+    nothing, nothing is appended); a named segment in a mapping may be new (it is created as a section)."""
+    dotted = ".".join(path[: depth + 1])
+    parent = ".".join(path[:depth]) or "<root>"
+    if isinstance(node, list):
+        valid = f"indices 0..{len(node) - 1}" if node else "it is empty"
+        if not _is_index(part):
+            raise ConfigError(f"override {item!r}: {parent!r} is a list; address an element by its index "
+                              f"({valid}), not by {part!r}")
+        index = int(part)
+        if index >= len(node):
+            raise ConfigError(f"override {item!r}: index {index} in {dotted!r} is out of range ({parent!r} has "
+                              f"{len(node)} element{'' if len(node) == 1 else 's'}: {valid})")
+        return node, index
+    if isinstance(node, dict):
+        if _is_index(part):
+            # An integer segment addresses an existing entry only (a mapping keyed "0" or 0); it creates nothing.
+            for key in (part, int(part)):
+                if key in node:
+                    return node, key
+            raise ConfigError(
+                f"override {item!r}: {parent!r} is a section, not a list; index {part} does not address anything "
+                f"(integer segments only index existing lists)")
+        return node, part
+    raise ConfigError(f"override {item!r}: {parent!r} is a value, not a section or list")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A deep copy of ``data`` with every ``key=value`` override applied, in order.
+
+    Named segments walk (and, if missing, create) sections; integer segments index existing lists
+    (``stages.1.overrides.train.epochs=8``). Errors name the override and the dotted key: an index out of range,
+    a list addressed by name, a value addressed as a section, an index into a missing key."""
     out = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
+        node: Any = out
         for depth, part in enumerate(path[:-1]):
-            child = node.get(part)
+            container, key = _step(node, part, item, path, depth)
+            child = container[key] if isinstance(container, list) else container.get(key)
             if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
+                if _is_index(path[depth + 1]):
+                    dotted = ".".join(path[: depth + 1])
+                    raise ConfigError(
+                        f"override {item!r}: {dotted!r} is not set, so index {path[depth + 1]} addresses nothing "
+                        f"(integer segments only index existing lists; set the whole list instead)")
+                child = container[key] = {}
+            elif not isinstance(child, (dict, list)):
                 dotted = ".".join(path[: depth + 1])
-                raise ConfigError(f"override {item!r}: {dotted!r} is a value, not a section")
+                raise ConfigError(f"override {item!r}: {dotted!r} is a value, not a section or list")
             node = child
-        node[path[-1]] = value
+        container, key = _step(node, path[-1], item, path, len(path) - 1)
+        container[key] = value
     return out
 
 

@@ -1,5 +1,6 @@
 """Configs: every file in configs/ validates; bad keys and types fail with the dotted key named."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,77 @@ def test_recipe_chains_stage_exports():
     assert s2.model.path == s1.output.export_path and s3.model.path == s2.output.export_path
     assert s3.data.subdepartment == "Endocrinology" and s1.data.eval_fraction == 0.1
     assert s1.run.name == "curriculum-tiny-stage1-all"
+
+
+# ----------------------------------------------------------------------------- list-index overrides
+RECIPE_LIKE = {
+    "name": "r",
+    "stages": [
+        {"name": "s1", "overrides": {"train": {"epochs": 40}, "data": {"eval_fraction": 0.1}}},
+        {"name": "s2", "overrides": {"train": {"epochs": 3, "learning_rate": 1e-3}}},
+        {"name": "s3", "overrides": {}},
+    ],
+    "benchmarks": [{"name": "medqa", "path": "a.jsonl"}, {"name": "pubmedqa", "path": "b.jsonl"}],
+    "tags": ["x", "y"],
+}
+
+
+def test_integer_segments_index_existing_lists():
+    out = apply_overrides(RECIPE_LIKE, [
+        "stages.1.overrides.train.epochs=8",
+        "stages.2.overrides.train.epochs=5",  # a new key inside an existing list element's section
+        "benchmarks.0.path=s3://x/medqa.jsonl",
+        "tags.1=z",  # a scalar list element is replaced
+    ])
+    assert out["stages"][1]["overrides"]["train"] == {"epochs": 8, "learning_rate": 1e-3}
+    assert out["stages"][2]["overrides"] == {"train": {"epochs": 5}}
+    assert out["stages"][0] == RECIPE_LIKE["stages"][0]  # other elements untouched
+    assert out["benchmarks"] == [{"name": "medqa", "path": "s3://x/medqa.jsonl"},
+                                 {"name": "pubmedqa", "path": "b.jsonl"}]
+    assert out["tags"] == ["x", "z"]
+    assert RECIPE_LIKE["stages"][1]["overrides"]["train"]["epochs"] == 3  # the input is not mutated
+    # a whole element can still be replaced, and a whole list still set
+    replaced = apply_overrides(RECIPE_LIKE, ["benchmarks.1={name: p, path: q}"])
+    assert replaced["benchmarks"][1] == {"name": "p", "path": "q"}
+    assert apply_overrides(RECIPE_LIKE, ["tags=[a]"])["tags"] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.3.overrides.train.epochs=8", r"index 3 in 'stages\.3' is out of range \('stages' has 3 elements"),
+        ("benchmarks.2=x", r"index 2 in 'benchmarks\.2' is out of range"),  # no silent append
+        ("benchmarks.path=x", r"'benchmarks' is a list; address an element by its index \(indices 0\.\.1\)"),
+        ("benchmarks.-1.path=x", r"'benchmarks' is a list"),
+        ("name.0=x", r"'name' is a value, not a section or list"),
+        ("tags.0.a=x", r"'tags\.0' is a value, not a section"),
+        ("stages.0.overrides.0=x", r"'stages\.0\.overrides' is a section, not a list; index 0"),
+        ("missing.0.path=x", r"'missing' is not set, so index 0 addresses nothing"),  # no list created from nothing
+    ],
+)
+def test_bad_list_index_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(f"override {override!r}")):
+        apply_overrides(RECIPE_LIKE, [override])
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(RECIPE_LIKE, [override])
+
+
+def test_empty_list_index_is_out_of_range():
+    with pytest.raises(ConfigError, match=r"index 0 in 'report_to\.0' is out of range .*it is empty"):
+        apply_overrides({"report_to": []}, ["report_to.0=tensorboard"])
+
+
+def test_list_index_overrides_on_real_configs():
+    from finemed_ray.eval.config import EvalJobConfig
+    from finemed_ray.train.recipe import RecipeConfig
+
+    recipe = load_config(RecipeConfig, ROOT / "configs/recipe_curriculum_tiny.yaml",
+                         ["stages.2.overrides.train.epochs=8", "stages.0.name=first"])
+    assert recipe.stages[2].overrides["train"]["epochs"] == 8
+    assert recipe.stages[2].overrides["train"]["learning_rate"] == 1e-3  # siblings kept
+    assert recipe.stages[0].name == "first"
+    assert recipe.stage_configs()[2].train.epochs == 8
+    ev = load_config(EvalJobConfig, ROOT / "configs/eval_tiny.yaml", ["benchmarks.0.path=s3://x/medqa.jsonl"])
+    assert ev.benchmarks[0].path == "s3://x/medqa.jsonl" and ev.benchmarks[1].name == "pubmedqa"
+    with pytest.raises(ConfigError, match=r"index 9 in 'stages\.9' is out of range"):
+        load_config(RecipeConfig, ROOT / "configs/recipe_curriculum_tiny.yaml", ["stages.9.overrides.train.epochs=8"])

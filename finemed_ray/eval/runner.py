@@ -69,15 +69,16 @@ def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **ext
         pred, method = None, "error"
     else:
         # A reasoning reply ("## Thought ... ## Summarization ...") is read from its conclusion only: the Thought
-        # may name ruled-out options. No conclusion = no answer. A reply that states one option's text (a model
-        # trained to answer in sentences, not letters) is read by that text.
+        # may name ruled-out options. No conclusion = no answer. A conclusion that states one option's text in a
+        # sentence ("Metformin is used to treat type 2 diabetes.": a model trained to answer in sentences) is read
+        # by that text; free prose is not (there, an option's text is often mentioned without being chosen).
         answer, form = final_answer(text, cut_off=False)
         if answer is None:
             pred, method = None, form
         else:
             got = extract_answer(answer, options)
             pred, method = got.letter, got.method
-            if pred is None:
+            if pred is None and form == "reasoning":
                 pred = match_option(answer, list(options.items()))
                 method = "stated_option_text" if pred else "none"
     return {"benchmark": row["benchmark"], "id": row["id"], "gold": row["gold"], "pred": pred,
