@@ -37,6 +37,10 @@ Length limits (TRL 1.16 ``DPOConfig`` has ``max_length`` only; ``max_prompt_leng
 
 Quarantine reasons start with a kind before the first colon (``prompt``, ``chosen``, ``rejected``, ``invalid JSON``,
 ``overlong``, ``chat template``...) and :class:`DPOPrepareSummary` counts them by kind.
+
+Bad input files and lines (not UTF-8, a BOM, gzip, too-large or non-object lines, empty files, mixed formats, Parquet
+files that disagree on a column's type) follow the rules of :mod:`finemed_ray.data.sft_prepare` (the same reader):
+quarantined rows with a reason ending in ``(<file> line <n>)``, or a one-line :class:`DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -49,9 +53,13 @@ import pyarrow as pa
 
 from finemed_ray import storage
 from finemed_ray.data.sft_prepare import (
+    MAX_ROW_BYTES,
     RowSelection,
     _cached_tokenizer,
     _row_id,
+    _some,
+    batch_records,
+    check_readable,
     check_selected,
     read_input,
     tally_prepared,
@@ -60,7 +68,7 @@ from finemed_ray.data.sft_prepare import (
 )
 from finemed_ray.data.tokenize import TemplateError, with_system_prompt
 from finemed_ray.errors import ConfigError, DataError
-from finemed_ray.schemas import parse_jsonl_line, to_raw, validate_dpo_row
+from finemed_ray.schemas import validate_dpo_row
 
 Overlong = Literal["truncate", "drop"]
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -107,6 +115,7 @@ class DPOPrepareSummary:
     tokens_train: int = 0  # the same for the train rows
     departments: dict[str, int] = field(default_factory=dict)  # valid rows per "primary / secondary" label
     quarantine_reasons: dict[str, int] = field(default_factory=dict)  # by kind, e.g. {"overlong": 3, "prompt": 1}
+    unreadable_files: list[str] = field(default_factory=list)  # files that could not be read to their end
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,20 +202,11 @@ def fit_pair(ids: dict[str, list[int]], max_length: int, max_prompt_length: int 
 
 def prepare_dpo_batch(batch: pa.Table, tokenizer_path: str, max_length: int, max_prompt_length: int | None,
                       overlong: str, system_prompt: str | None, fmt: str,
-                      selection: RowSelection = RowSelection()) -> pa.Table:
+                      selection: RowSelection = RowSelection(), max_row_bytes: int = MAX_ROW_BYTES) -> pa.Table:
     """Validate + tokenise one Arrow batch of preference rows; every input row yields exactly one output row."""
     tok = _cached_tokenizer(tokenizer_path)
-    if fmt == "jsonl":
-        records = []
-        for line in batch.column("text").to_pylist():
-            parsed, err = parse_jsonl_line(line)
-            records.append((line, parsed, err))
-    else:
-        records = [(None, row, None) for row in batch.to_pylist()]
-
     out: dict[str, list] = {name: [] for name in PREPARED_DPO_SCHEMA.names}
-    for line, row, err in records:
-        raw = line if line is not None else to_raw(row)
+    for raw, row, err, where in batch_records(batch, fmt, max_row_bytes):
         err = err or validate_dpo_pair(row)
         full = fitted = None
         truncated = False
@@ -221,6 +221,8 @@ def prepare_dpo_batch(batch: pa.Table, tokenizer_path: str, max_length: int, max
         if full is not None:
             fitted, truncated, err = fit_pair(full, max_length, max_prompt_length, overlong)
         good = err is None
+        if not good and where:
+            err = f"{err} ({where})"
         rid = row.get("id") if isinstance(row, dict) and isinstance(row.get("id"), str) else None
         rid = rid or _row_id(raw)
         out["id"].append(rid)
@@ -251,18 +253,19 @@ def _check_limits(max_length: int, max_prompt_length: int | None, overlong: str)
 
 def prepare_dpo(input_uri: str, tokenizer_path: str, out_uri: str, max_length: int,
                 max_prompt_length: int | None = None, overlong: Overlong = "truncate",
-                system_prompt: str | None = None, selection: RowSelection = RowSelection()) -> DPOPrepareSummary:
+                system_prompt: str | None = None, selection: RowSelection = RowSelection(),
+                max_row_bytes: int = MAX_ROW_BYTES) -> DPOPrepareSummary:
     """Tokenise the preference pairs under ``input_uri`` into ``<out_uri>/prepared`` and quarantine bad rows into
     ``<out_uri>/quarantine``. Raises :class:`DataError` when the input has no rows, no valid rows, or the
     department filter selects no training rows."""
     _check_limits(max_length, max_prompt_length, overlong)
     t0 = time.time()
-    files, fmt, ds = read_input(input_uri)
+    files, fmt, ds = read_input(input_uri, max_row_bytes)
 
     prepared_uri, quarantine_uri = write_prepared(
         ds, out_uri, prepare_dpo_batch, tokenizer_path=tokenizer_path, max_length=max_length,
         max_prompt_length=max_prompt_length, overlong=overlong, system_prompt=system_prompt, fmt=fmt,
-        selection=selection,
+        selection=selection, max_row_bytes=max_row_bytes,
     )
 
     summary = DPOPrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri,
@@ -271,8 +274,9 @@ def prepare_dpo(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     if summary.rows_quarantined:
         write_quarantine(prepared_uri, quarantine_uri, input_uri)
     summary.seconds = round(time.time() - t0, 3)
+    check_readable(summary)
     if summary.rows_in == 0:
-        raise DataError(f"{input_uri}: no rows (the input files hold no data lines)")
+        raise DataError(f"{input_uri}: no rows (the input files hold no data lines: {_some(files)})")
     check_selected(summary, selection, what="preference rows")
     return summary
 

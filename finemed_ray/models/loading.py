@@ -3,10 +3,14 @@
 S3 prefixes are downloaded once into the local cache (:func:`finemed_ray.storage.materialize_local`); local
 directories must hold a ``config.json``; anything else is passed to ``from_pretrained`` as a hub id (offline
 machines then need it in the HF cache).
+
+Errors name the path the user gave: given the local cache copy of an ``s3://`` model (as callers that resolved the
+path first do), they name its ``s3://`` URI (read from the cache's marker file), with the cache path after it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,22 @@ def _looks_local(path: str) -> bool:
     )
 
 
+def display_path(path: str) -> str:
+    """``path`` as the user knows it: a local cache copy of an ``s3://`` model -> ``"s3://... (local copy <path>)"``;
+    anything else unchanged."""
+    from finemed_ray import storage
+
+    try:
+        if isinstance(path, str) and os.path.isdir(path):
+            with open(os.path.join(path, storage.CACHE_MARKER), encoding="utf-8") as fh:
+                uri = json.load(fh).get("uri")
+            if isinstance(uri, str) and uri:
+                return f"{uri} (local copy {path})"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return path
+
+
 def resolve_model_path(path: str, required: tuple[str, ...] = ("config.json",)) -> str:
     """A path ``from_pretrained`` can load: s3:// -> local cache copy; local dirs checked; hub ids unchanged.
 
@@ -47,7 +67,8 @@ def resolve_model_path(path: str, required: tuple[str, ...] = ("config.json",)) 
         source = f"{path} (downloaded to {local})"
     elif _looks_local(path):
         local = os.path.expanduser(path)
-        source = path
+        shown = display_path(local)
+        source = shown if shown != local else path
     else:
         return path  # hub id
     if not os.path.isdir(local):
@@ -66,18 +87,19 @@ def load_tokenizer(path: str, require_chat_template: bool = True) -> PreTrainedT
     from transformers import AutoTokenizer
 
     local = resolve_model_path(path, required=("config.json", *_TOKENIZER_FILES))
+    shown = display_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(local)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs the path
-        raise ModelError(f"{path}: cannot load tokenizer: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"{shown}: cannot load tokenizer: {type(exc).__name__}: {exc}") from exc
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise ModelError(
-            f"{path}: tokenizer has no chat template; use a chat/instruct model or add a chat_template "
+            f"{shown}: tokenizer has no chat template; use a chat/instruct model or add a chat_template "
             "to its tokenizer_config.json"
         )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelError(f"{path}: tokenizer has neither a pad nor an eos token")
+            raise ModelError(f"{shown}: tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -99,7 +121,7 @@ def load_model(path: str, dtype: str = "float32") -> PreTrainedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"{display_path(path)}: cannot load model: {type(exc).__name__}: {exc}") from exc
     model.eval()
     return model
 
