@@ -345,7 +345,9 @@ def read_bytes(uri: str) -> bytes:
     with _translate(uri):
         if not is_s3(uri) and os.path.isdir(path):
             raise IsADirectoryError(path)
-        with fs.open_input_stream(path) as f:
+        # compression=None: bytes as stored. pyarrow would otherwise gunzip a name ending in .gz (and gzip it
+        # again on write), so a .jsonl.gz written here would be double-compressed for every other reader.
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
 
 
@@ -354,14 +356,14 @@ def write_bytes(uri: str, data: bytes) -> None:
     with _translate(uri):
         if is_s3(uri):
             # An S3 object appears atomically when the upload completes; no temp object needed.
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
             return
         # Local: write a sibling temp file and rename, so readers never see a half-written file.
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            with fs.open_output_stream(tmp) as f:
+            with fs.open_output_stream(tmp, compression=None) as f:
                 f.write(data)
             os.replace(tmp, path)
         finally:
