@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -95,3 +96,28 @@ def ray_cluster(s3):
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "DS_"))}})
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- ../shared
+# The data beside the clone (benchmarks, KubeRay CRDs): tests that need it skip without it (a bare clone), but where
+# ../shared exists, as in CI, such a skip means a test silently checks nothing (a wrong path, a moved file), so it
+# is reported as a failure instead.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def skip_needs_shared(reason: str, shared: Path = SHARED) -> bool:
+    """True when a skip ``reason`` is about files under ``shared`` (its absolute path, ``../shared``,
+    ``shared/data``) while ``shared`` exists: such a skip must fail."""
+    return shared.is_dir() and any(mark in reason for mark in (str(shared), "../shared", "shared/data"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if skip_needs_shared(reason):
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid}: skipped for missing shared data although {SHARED} exists "
+                               f"(fix the path or add the files): {reason}")

@@ -3,6 +3,7 @@ to an S3 export; it must raise the reward margin and preference accuracy on held
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,39 @@ def dpo_run(tiny_model_s3, ray_cluster, s3):
             "base": storage.materialize_local(tiny_model_s3)}
 
 
+IDENTICAL = "chosen and rejected are identical"  # a reason without a colon is its own kind (it may say more)
+# bad_dpo_rows() id -> the kind (a reason's text before its first colon) the job must count it under
+EXPECTED_KINDS = {
+    "bad-chosen-equals-rejected": IDENTICAL,
+    "bad-empty-prompt": "prompt",
+    "bad-empty-chosen": "chosen",
+    "bad-empty-user": "prompt",
+    "bad-missing-rejected": "rejected",
+    "bad-chosen-user-role": "chosen",
+    "bad-unknown-role": "prompt[0].role",
+    "bad-prompt-ends-with-assistant": "prompt",
+    "bad-prompt-string": "prompt",
+    "bad-json": "invalid JSON",
+}
+
+
 def test_bad_pairs_are_quarantined_with_reasons(dpo_run):
+    import pyarrow.parquet as pq
+
     data = dpo_run["summary"]["data"]
-    assert data["rows_quarantined"] == len(bad_dpo_rows())
+    assert data["rows_quarantined"] == len(bad_dpo_rows()) == len(EXPECTED_KINDS)
     assert data["rows_valid"] == len(dpo_run["rows"])
-    assert data["quarantine_reasons"]
+    # The job's summary counts every defect under its own kind: not one catch-all, not the full reason texts.
+    counted = Counter()
+    for kind, n in data["quarantine_reasons"].items():
+        counted[IDENTICAL if kind.startswith(IDENTICAL) else kind] += n
+    assert counted == Counter(EXPECTED_KINDS.values()), data["quarantine_reasons"]
+    # The quarantine the run wrote holds every bad row, each with a reason of the kind its defect calls for.
+    fs, path = storage.get_filesystem(data["quarantine_uri"])
+    reasons = {next(k for k in EXPECTED_KINDS if f'"{k}"' in q["raw"]): q["reason"]
+               for q in pq.read_table(path, filesystem=fs).to_pylist()}
+    assert {k: IDENTICAL if r.startswith(IDENTICAL) else r.split(":", 1)[0] for k, r in reasons.items()} \
+        == EXPECTED_KINDS, reasons
 
 
 def test_reference_is_sharded_and_training_uses_every_pair(dpo_run):
@@ -68,11 +97,32 @@ def test_dpo_raises_margin_and_accuracy_on_heldout_paraphrases(dpo_run):
     reference = AutoModelForCausalLM.from_pretrained(dpo_run["base"], dtype=torch.float32).eval()
     policy = AutoModelForCausalLM.from_pretrained(dpo_run["export"], dtype=torch.float32).eval()
     heldout = sample_dpo_rows(seed=0, paraphrases="heldout")[:48]  # questions in words never trained on
-    before = preference_metrics(reference, reference, tok, heldout, beta=BETA)  # the untrained control
     after = preference_metrics(policy, reference, tok, heldout, beta=BETA)
-    assert before["reward_margin"] == 0 and before["preference_accuracy"] == 0
     assert after["reward_margin"] > 0.5
     assert after["preference_accuracy"] >= 0.8
+    # The control: the reference moved exactly as far as DPO moved it, tensor by tensor, but in a random direction.
+    # It is not the reference (its margin is not exactly 0), yet it did not learn the preference, so it must fail
+    # the same thresholds: they measure preference learning, not mere weight change (a run: policy margin ~15,
+    # accuracy 1.0; control margin ~-0.2, accuracy 0.1-0.2).
+    control = preference_metrics(moved_at_random(reference, policy), reference, tok, heldout, beta=BETA)
+    print(f"held-out: DPO policy {after}, random-direction control {control}")
+    assert control["reward_margin"] != 0
+    assert control["preference_accuracy"] < 0.8
+    assert control["reward_margin"] < after["reward_margin"] / 2
+
+
+def moved_at_random(reference, policy, seed: int = 0):
+    """A copy of ``reference`` with each parameter moved by a random vector as long as ``policy - reference``."""
+    import copy
+
+    gen = torch.Generator().manual_seed(seed)
+    moved = copy.deepcopy(reference)
+    trained = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, param in moved.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param += noise * ((trained[name] - param).norm() / noise.norm())
+    return moved
 
 
 def test_packing_is_refused_for_dpo(tiny_model_s3, s3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +20,6 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from botocore.exceptions import ClientError
 
 from finemed_ray import storage
 from finemed_ray.errors import StorageError
@@ -189,13 +191,82 @@ def test_missing_key_and_bucket_errors_name_the_uri(s3_prefix: str, tmp_path: Pa
         storage.read_bytes("s3:///key")
 
 
-def test_access_denied_is_translated() -> None:
-    # moto does not enforce permissions, so check the translation of the error S3 returns.
-    err = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
-    msg = str(storage._to_storage_error("s3://b/k", err))
-    assert msg.startswith("s3://b/k: access denied")
-    pa_err = OSError("When reading information for key 'k' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject")
-    assert "access denied" in str(storage._to_storage_error("s3://b/k", pa_err))
+@pytest.fixture
+def iam_enforcing_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, dict[str, str]]]:
+    """A moto server of its own (a subprocess: moto's auth switch is process-global, so the session's server is
+    left alone) holding ``s3://finemed-denied/data/a.txt``, with IAM enforced: requests signed by IAM user
+    ``no-perms`` (no policy) get the server's real AccessDenied; ``reader`` (s3:* allowed) is the control.
+    Yields each user's AWS environment."""
+    env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}  # auth off while seeding
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finemed_ray.storage", "serve-s3", "--port", "0", "--bucket", "finemed-denied"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT,
+        env={**env, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url = ""
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("export AWS_ENDPOINT_URL_S3="):
+                url = line.strip().partition("=")[2]
+                break
+        assert url.startswith("http://127.0.0.1:"), "serve-s3 did not print its endpoint"
+        owner = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "testing",
+                 "aws_secret_access_key": "testing"}
+        boto3.client("s3", **owner).put_object(Bucket="finemed-denied", Key="data/a.txt", Body=b"secret")
+        iam = boto3.client("iam", **owner)
+        users = {}
+        for user in ("no-perms", "reader"):
+            iam.create_user(UserName=user)
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            users[user] = {"AWS_ENDPOINT_URL": url, "AWS_ENDPOINT_URL_S3": url, "AWS_REGION": "us-east-1",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                           "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        iam.put_user_policy(UserName="reader", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        # moto's server-mode switch (what @set_initial_no_auth_action_count posts): from now on every request is
+        # authenticated and checked against IAM.
+        reset = urllib.request.Request(f"{url}/moto-api/reset-auth", data=b"0", method="POST",
+                                       headers={"Content-Type": "text/plain"})  # a form body would be parsed away
+        assert json.loads(urllib.request.urlopen(reset, timeout=30).read())["status"] == "ok"
+        for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(key, raising=False)
+        yield users
+    finally:
+        storage.clear_fs_cache()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_access_denied_from_the_server_is_translated(
+    iam_enforcing_s3: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def use(user: str) -> None:
+        for key, value in iam_enforcing_s3[user].items():
+            monkeypatch.setenv(key, value)
+        storage.clear_fs_cache()
+
+    obj, prefix = "s3://finemed-denied/data/a.txt", "s3://finemed-denied/data/"
+    use("reader")  # control: the same calls with permission work, so what follows is about permissions only
+    assert storage.read_bytes(obj) == b"secret" and storage.exists(obj) and storage.list_files(prefix) == [obj]
+
+    use("no-perms")
+    # pyarrow GET (S3 answers the HeadObject with a bare 403), pyarrow PUT, boto3 HEAD (code "403", no body),
+    # boto3 LIST (code "AccessDenied"): each is an access-denied StorageError naming the URI, never "not found",
+    # never False, never an untranslated pyarrow/botocore error.
+    calls = {
+        obj: [storage.read_bytes, storage.read_json, storage.exists],
+        "s3://finemed-denied/data/b.txt": [lambda uri: storage.write_bytes(uri, b"x")],
+        prefix: [storage.list_files],
+    }
+    for uri, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(StorageError) as denied:
+                fn(uri)
+            assert str(denied.value).startswith(f"{uri}: access denied ("), (fn, str(denied.value))
 
 
 def test_ensure_bucket(s3: storage.EmbeddedS3, tmp_path: Path) -> None:

@@ -248,10 +248,22 @@ def test_hf_generate_batched_matches_single(hf_teacher, tiny_tokenizer):
         assert alone["text"] == res["text"] and alone["completion_tokens"] == res["completion_tokens"]
 
 
-def test_hf_loads_from_s3(tiny_model_s3):
-    teacher = make_teacher({"backend": "hf", "model": tiny_model_s3, "max_tokens": 4})
-    [res] = teacher.generate(reqs(1))
-    assert res["error"] is None and isinstance(res["text"], str) and res["completion_tokens"] >= 1
+def test_hf_loads_from_s3(tiny_model_s3, hf_teacher):
+    import torch
+
+    # tiny_model_s3 is hf_teacher's local model directory published to S3: the S3 teacher must serve exactly that
+    # model (its saved weights, not a fresh initialisation of the same config nor some other cached copy, and
+    # its tokenizer), so its greedy generations equal the local teacher's.
+    teacher = make_teacher({"backend": "hf", "model": tiny_model_s3, "max_tokens": 12, "batch_size": 4})
+    (model, tok), (local_model, local_tok) = teacher.load(), hf_teacher.load()
+    weights, local_weights = model.state_dict(), local_model.state_dict()
+    assert weights.keys() == local_weights.keys()
+    assert [k for k in local_weights if not torch.equal(weights[k], local_weights[k])] == []
+    assert tok.get_vocab() == local_tok.get_vocab() and tok.chat_template == local_tok.chat_template
+    requests = reqs(3)
+    results = teacher.generate(requests)
+    assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in results), results
+    assert results == hf_teacher.generate(requests)
 
 
 def test_hf_map_dataset(ray_cluster, hf_teacher, tiny_model_dir):
