@@ -166,10 +166,12 @@ def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
             copied = extras.copy_outputs(f"s3://{BUCKET}", final, synth, ttt, summary, out_dir)
             h.done(f"{len(copied)} folders/files -> {out_dir}")
         summary["copied"] = copied
+    summary["claims"] = extras.claims(summary["stages"], summary.get("chain", {}), summary.get("ttt", {}))
     summary["demo_seconds"] = round(time.time() - t0, 1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     con.say(f"\nSummary (held-out questions: n={len(items)}, chance 0.25; whole demo {_dur(summary['demo_seconds'])})")
     con.table(["stage", "metric", "before -> after", "detail", "time", "output"], rows)
+    con.say("\n" + extras.claims_text(summary["claims"]))
     con.say(extras.next_steps(out_dir, summary))
     return summary
 

@@ -163,6 +163,45 @@ def preference_text(p: dict[str, Any]) -> str:
             f"0 -> {p['reward_margin']:.2f} (the reference scores 0 and 0 by definition; chance accuracy 0.5)")
 
 
+# ------------------------------------------------------------------------------------------------ claims
+def claims(stages: list[dict[str, Any]], chain: dict[str, Any], ttt: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the method promises, each checked on this run's held-out figures (issue 15's criteria), with a
+    plain met / NOT met. "Keeps" = not significantly lower (McNemar exact p >= 0.05, paired on the same questions);
+    "not lower by more than 2 points" is a point estimate (one question is 0.8 points at n=128)."""
+    by = {st["stage"]: st for st in stages}
+    out = []
+    r = by.get("reasoning")
+    if r:
+        p = r["paired_vs_previous"]
+        met = p["after"] >= p["before"] or p["p_value"] >= 0.05
+        out.append({"claim": "reasoning SFT keeps or raises answer accuracy (reason, then answer)", "met": met,
+                    "detail": f"{p['before']:.3f} -> {p['after']:.3f}, McNemar p={p['p_value']:.2g}"
+                              + ("" if met else "; significantly lower")})
+    d = by.get("dpo")
+    if d:
+        p, pref = d["paired_vs_previous"], d["preference"]
+        met = pref["preference_accuracy"] > 0.5 and pref["reward_margin"] > 0 and p["after"] >= p["before"] - 0.02
+        out.append({"claim": "DPO raises held-out preference accuracy and margin, answers not lower by > 2 points",
+                    "met": met, "detail": f"preference accuracy {pref['preference_accuracy']:.3f}, margin "
+                                          f"{pref['reward_margin']:.2f}; answers {p['before']:.3f} -> {p['after']:.3f}"})
+    if chain:
+        met = chain["after"] >= chain["before"] - 0.02
+        out.append({"claim": "the final model answers at least as well as the curriculum-SFT model (-2 points)",
+                    "met": met, "detail": f"{chain['before']:.3f} -> {chain['after']:.3f}, McNemar p="
+                                          f"{chain['p_value']:.2g}"})
+    if ttt:
+        out.append({"claim": "TTT gives a significant lift (McNemar p < 0.05)", "met": bool(ttt["significant"]),
+                    "detail": f"{ttt['no_ttt']:.3f} -> {ttt['ttt']:.3f}, p={ttt['p_value']:.3g}"})
+    return out
+
+
+def claims_text(items: list[dict[str, Any]]) -> str:
+    lines = ["Claims, checked on this run (why a claim can miss on this 0.9M-parameter model: README, 'What each "
+             "stage teaches the tiny model'):"]
+    lines += [f"  [{'met' if c['met'] else 'NOT met'}] {c['claim']}: {c['detail']}" for c in items]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ TTT
 def evaluate_ttt(model_uri: str, pool_uri: str, root: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Index the DPO pool, then ``jobs/evaluate.py``'s library path on the held-out questions, without and with TTT

@@ -47,25 +47,29 @@ def test_every_stage_is_measured_on_the_same_heldout_questions(demo):
 
 
 @pytest.mark.slow
-def test_reasoning_sft_and_dpo_keep_or_raise_answer_accuracy(demo):
+def test_reasoning_sft_and_dpo_train_their_format_and_the_claims_are_reported_truthfully(demo):
     stages = {st["stage"]: st for st in demo["summary"]["stages"]}
-    before, reasoning, dpo = (stages[k]["eval"] for k in ("stage3-endocrinology", "reasoning", "dpo"))
-    # reasoning SFT, evaluated in the mode it trains (reason, then answer): keeps or raises accuracy
+    reasoning, dpo = stages["reasoning"]["eval"], stages["dpo"]["eval"]
+    # reasoning SFT and DPO teach the trained layout: the model reasons, then answers, within the token budget
     assert reasoning["reasoning_rate"] > 0.8 and reasoning["cut_off_rate"] < 0.05
-    # "keeps": not significantly lower (McNemar exact, paired on the same questions); the README reports the point
-    # estimates of the measured runs (one up, one down, neither significant)
-    paired = stages["reasoning"]["paired_vs_previous"]
-    assert reasoning["accuracy"] >= before["accuracy"] or paired["p_value"] >= 0.05, paired
-    # DPO: held-out preference accuracy and reward margin up from the reference's 0 / 0, answers not worse by > 2
-    # points, and still in the trained layout
+    assert dpo["reasoning_rate"] > 0.8 and dpo["cut_off_rate"] < 0.05
+    # DPO separates held-out pairs (the reference scores 0 / 0 by definition)
     pref = stages["dpo"]["preference"]
     assert pref["n"] == 128 and pref["preference_accuracy"] >= 0.9 and pref["reward_margin"] > 0
-    assert dpo["accuracy"] >= reasoning["accuracy"] - 0.02
-    assert dpo["reasoning_rate"] > 0.8
-    # the chain: the final model answers the held-out questions at least as well as the curriculum-SFT model
+    # Each of the method's promises is checked on this run and reported as met / NOT met, truthfully, on the
+    # terminal and in summary.json (README 'What each stage teaches the tiny model' reports the measured runs).
+    claims = {c["claim"].split(" ", 1)[0]: c for c in demo["summary"]["claims"]}
+    assert set(claims) == {"reasoning", "DPO", "the", "TTT"}
+    r = stages["reasoning"]["paired_vs_previous"]
+    assert claims["reasoning"]["met"] == (r["after"] >= r["before"] or r["p_value"] >= 0.05)
+    d = stages["dpo"]["paired_vs_previous"]
+    assert claims["DPO"]["met"] == (d["after"] >= d["before"] - 0.02)
     chain = demo["summary"]["chain"]
     assert chain["from"] == "stage3-endocrinology" and chain["to"] == "dpo" and chain["n"] == 128
-    assert chain["after"] >= chain["before"] - 0.02, chain
+    assert claims["the"]["met"] == (chain["after"] >= chain["before"] - 0.02)
+    assert claims["TTT"]["met"] == demo["summary"]["ttt"]["significant"]
+    for c in claims.values():
+        assert f"[{'met' if c['met'] else 'NOT met'}] {c['claim']}: {c['detail']}" in demo["terminal"]
 
 
 @pytest.mark.slow
@@ -127,3 +131,22 @@ def test_stage_line_says_when_ray_train_recovered_from_a_fault():
     assert "worker failed" not in clean and "held-out accuracy 0.500 -> 0.500 (n=2, chance 0.25" in clean
     recovered = stage_line({**trained, "resumed_from_step": 3}, ev, ev)
     assert recovered.splitlines()[-1].strip().startswith("a worker failed") and "step 3" in recovered
+
+
+def test_claims_say_met_or_not_met_from_the_figures():
+    from jobs.demo_extras import claims, claims_text
+
+    def stage(name, before, after, p, **extra):
+        return {"stage": name, "paired_vs_previous": {"before": before, "after": after, "p_value": p}, **extra}
+
+    pref = {"preference_accuracy": 1.0, "reward_margin": 7.0}
+    ttt = {"no_ttt": 0.70, "ttt": 0.72, "p_value": 0.5, "significant": False}
+    good = claims([stage("reasoning", 0.80, 0.78, 0.6), stage("dpo", 0.78, 0.77, 0.9, preference=pref)],
+                  {"before": 0.80, "after": 0.79, "p_value": 0.8}, ttt)
+    assert [c["met"] for c in good] == [True, True, True, False]
+    bad = claims([stage("reasoning", 0.93, 0.55, 1e-9), stage("dpo", 0.55, 0.50, 0.04, preference=pref)],
+                 {"before": 0.93, "after": 0.50, "p_value": 1e-10}, {**ttt, "significant": True})
+    assert [c["met"] for c in bad] == [False, False, False, True]
+    assert "significantly lower" in bad[0]["detail"]
+    text = claims_text(bad)
+    assert text.count("[NOT met]") == 3 and text.count("[met]") == 1

@@ -204,6 +204,7 @@ def test_reasoning_and_dpo_cover_every_fact_with_every_train_paraphrase(synth):
         q = _q(kind, i, p)
         chosen = sample.reasoning_answer(kind, i, p)
         assert reasoning[q]["messages"][1]["content"] == chosen
+        assert len(reasoning[q]["messages"]) == 2  # synth_demo.yaml: follow-ups on SFT dialogues only
         assert (reasoning[q]["department"], reasoning[q]["subdepartment"]) == fact_labels(kind, i)
         row = dpo[prompts.dpo_prompt(q)[-1]["content"]]
         assert row["prompt"] == prompts.dpo_prompt(q)

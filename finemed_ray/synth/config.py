@@ -95,6 +95,10 @@ class AnswersSection(StrictModel):
 
 class DialogueSection(StrictModel):
     follow_up_turns: int = Field(1, ge=0, description="Follow-up question/answer turns added per dialogue (0 = none).")
+    follow_up_kinds: list[Literal["common", "complex"]] = Field(
+        default_factory=lambda: ["common", "complex"],
+        description="Which dialogues get follow-ups: common (SFT) and/or complex (reasoning SFT, DPO prompt only).",
+    )
     personas: list[Literal["patient", "clinician"]] = Field(
         default_factory=lambda: ["patient", "clinician"], min_length=1,
         description="Who asks follow-ups, cycled per turn.",

@@ -483,9 +483,10 @@ class SynthesisPipeline:
         else:
             docs = self.step(docs, "judge", kinds=("common",))
         docs = self.step(docs, "answer_complex", kinds=("complex",))
-        for _ in range(self.cfg.dialogue.follow_up_turns):
-            docs = self.step(docs, "follow_up_question", kinds=("common", "complex"), extra_filter="follow_up_open")
-            docs = self.step(docs, "follow_up_answer", kinds=("common", "complex"), extra_filter="pending_follow_up")
+        follow_kinds = tuple(self.cfg.dialogue.follow_up_kinds)
+        for _ in range(self.cfg.dialogue.follow_up_turns if follow_kinds else 0):
+            docs = self.step(docs, "follow_up_question", kinds=follow_kinds, extra_filter="follow_up_open")
+            docs = self.step(docs, "follow_up_answer", kinds=follow_kinds, extra_filter="pending_follow_up")
         docs = self.step(docs, "direct_answer", kinds=("complex",))
         docs = self.decontaminate(docs)
         return self.write(docs)
