@@ -241,6 +241,15 @@ def _bucket_exists(bucket: str) -> bool | None:
         return None
 
 
+def missing_reason(uri: str) -> str:
+    """Why ``uri`` does not exist, for an error message: its S3 bucket does not exist, or the path is not there."""
+    if is_s3(uri):
+        bucket = _split_s3(uri)[0]
+        if _bucket_exists(bucket) is False:
+            return f"bucket '{bucket}' does not exist"
+    return "not found"
+
+
 def _to_storage_error(uri: str, exc: BaseException) -> StorageError:
     """Translate pyarrow/botocore/OS errors into a StorageError naming ``uri`` and the problem."""
     if isinstance(exc, StorageError):

@@ -340,3 +340,10 @@ def test_job_entrypoint_exits_2_with_one_error_line(tiny_model_dir, s3, s3_prefi
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
     assert "column 'messages'" in errors[0] and a in errors[0] and b in errors[0]
     _no_traceback(proc.stderr + proc.stdout)
+
+
+def test_missing_bucket_and_missing_path_are_told_apart(s3_prefix):
+    with pytest.raises(DataError, match=r"dataset not found: s3://no-such-bucket-zz/d\.jsonl \(bucket 'no-such-bucket-zz' does not exist\)"):
+        input_files("s3://no-such-bucket-zz/d.jsonl")
+    with pytest.raises(DataError, match=r"dataset not found: .*/nothing\.jsonl \(not found\)"):
+        input_files(f"{s3_prefix}/nothing.jsonl")

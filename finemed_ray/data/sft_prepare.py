@@ -136,7 +136,7 @@ def input_files(uri: str) -> tuple[list[str], str]:
 
     The rules (unsupported or mixed files, Parquet checks) are in the module docstring."""
     if not storage.exists(uri):
-        raise DataError(f"dataset not found: {uri}")
+        raise DataError(f"dataset not found: {uri} ({storage.missing_reason(uri)})")
     data, unsupported = [], []
     for f in storage.list_files(uri):
         name = _basename(f)
