@@ -9,7 +9,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.errors import DataError, StorageError
-from finemed_ray.eval.report import load_report, score, wilson_interval, write_report
+from finemed_ray.eval.report import load_report, render_markdown, score, wilson_interval, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,6 +68,42 @@ def test_score_per_benchmark_and_setting():
     assert s["pubmedqa"]["no_ttt"]["accuracy"] == 0.75
 
 
+def test_score_reports_chance_no_answer_paired_test_and_categories():
+    preds = []
+    for i in range(20):
+        cat = "cardiology" if i < 12 else "neurology"
+        base = {"benchmark": "mmlu-pro", "id": i, "gold": "A", "raw": "", "method": "x", "n_options": 10 if i < 10 else 4,
+                "category": cat}
+        preds.append({**base, "pred": "A" if i < 5 else (None if i < 8 else "B"), "ttt": False})
+        preds.append({**base, "pred": "A" if i < 15 else "B", "ttt": True})
+    s = score(preds)["mmlu-pro"]
+    assert s["no_ttt"]["chance"] == pytest.approx((10 * 0.1 + 10 * 0.25) / 20)
+    assert s["no_ttt"]["no_answer_rate"] == pytest.approx(3 / 20) and s["ttt"]["no_answer_rate"] == 0
+    # paired on the same 20 items: 10 gained, 0 lost -> McNemar exact p = 2 * 0.5**10
+    assert (s["paired"]["gained"], s["paired"]["lost"]) == (10, 0)
+    assert s["paired"]["p_value"] == pytest.approx(2 * 0.5 ** 10)
+    cats = s["categories"]
+    assert set(cats) == {"cardiology", "neurology"}
+    assert (cats["cardiology"]["no_ttt"]["n"], cats["cardiology"]["no_ttt"]["correct"]) == (12, 5)
+    assert (cats["neurology"]["ttt"]["n"], cats["neurology"]["ttt"]["correct"]) == (8, 3)
+    md = render_markdown({"scores": {"mmlu-pro": s}})
+    assert "McNemar exact p=" in md and "| chance |" in md and "### mmlu-pro by category" in md
+    # without option counts there is no chance level, and nothing is invented
+    plain = score([{k: v for k, v in p.items() if k != "n_options"} for p in preds])["mmlu-pro"]
+    assert plain["no_ttt"]["chance"] is None
+
+
+def test_items_carry_their_category_to_the_predictions():
+    from finemed_ray.eval.benchmarks import MCQItem
+    from finemed_ray.eval.runner import item_category
+
+    item = MCQItem(id="1", question="q", options={"A": "a", "B": "b"}, answer="A", benchmark="b", kind="mcq",
+                   extra={"meta_info": "step1", "category": "health"})
+    assert item_category(item) == "health"
+    assert item_category(MCQItem(id="2", question="q", options={"A": "a"}, answer="A", benchmark="b", kind="mcq",
+                                 extra={})) == ""
+
+
 def test_score_rejects_bad_predictions():
     with pytest.raises(DataError, match="no predictions"):
         score([])
@@ -85,7 +121,7 @@ def _check_report_files(out: str, report: dict) -> None:
     md = storage.read_text(storage.join(out, "report.md"))
     assert "## medqa" in md and "## pubmedqa" in md
     assert "| metric | without TTT | with TTT | Δ (TTT − no TTT) |" in md
-    assert "| accuracy | 60.0% (95% CI 31.3–83.2) | 80.0% (95% CI 49.0–94.3) | +20.0 pp |" in md
+    assert "| accuracy | 60.0% (95% CI 31.3–83.2) | 80.0% (95% CI 49.0–94.3) | +20.0 pp (McNemar exact p=0.5, gained 2, lost 0) |" in md
     assert "| correct / n | 6 / 10 | 8 / 10 |  |" in md
     assert "| unextractable | 1 | 0 | -1 |" in md
     assert "| metric | without TTT |\n" in md  # pubmedqa: one setting, no delta column

@@ -77,29 +77,56 @@ def _is_correct(p: Mapping[str, Any]) -> bool:
 
 def score(predictions: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per benchmark (sorted) and TTT setting: ``{"n", "correct", "accuracy", "ci95": {"low", "high"},
-    "unextractable"}``, plus ``"delta"`` (TTT minus no-TTT accuracy) when a benchmark has both settings.
+    "unextractable", "no_answer_rate", "chance"}``; with both settings also ``"delta"`` (TTT minus no-TTT
+    accuracy) and ``"paired"`` (McNemar's exact test on the same items); with categories on the items,
+    ``"categories"``: category -> setting -> the same tally.
     DataError for an empty list, a malformed prediction or a duplicate (benchmark, id, ttt)."""
     rows = _check(predictions)
-    tally: dict[str, dict[str, list[int]]] = {}
+    groups: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
     for p in rows:
-        counts = tally.setdefault(str(p["benchmark"]), {}).setdefault(_setting(p["ttt"]), [0, 0, 0])
-        counts[0] += 1
-        counts[1] += _is_correct(p)
-        counts[2] += p["pred"] is None
+        groups.setdefault(str(p["benchmark"]), {}).setdefault(_setting(p["ttt"]), []).append(p)
     out: dict[str, dict[str, Any]] = {}
-    for bench in sorted(tally):
+    for bench in sorted(groups):
         entry: dict[str, Any] = {}
         for setting in SETTINGS:
-            if setting not in tally[bench]:
-                continue
-            n, k, none = tally[bench][setting]
-            low, high = wilson_interval(k, n)
-            entry[setting] = {"n": n, "correct": k, "accuracy": k / n, "ci95": {"low": low, "high": high},
-                              "unextractable": none}
+            if setting in groups[bench]:
+                entry[setting] = _tally(groups[bench][setting])
         if all(s in entry for s in SETTINGS):
             entry["delta"] = entry["ttt"]["accuracy"] - entry["no_ttt"]["accuracy"]
+            paired = _paired(groups[bench]["no_ttt"], groups[bench]["ttt"])
+            if paired is not None:
+                entry["paired"] = paired
+        categories = sorted({str(p["category"]) for p in rows if p["benchmark"] == bench and p.get("category")})
+        if categories:
+            entry["categories"] = {
+                c: {s: _tally([p for p in groups[bench][s] if p.get("category") == c])
+                    for s in SETTINGS if any(p.get("category") == c for p in groups[bench].get(s, []))}
+                for c in categories}
         out[bench] = entry
     return out
+
+
+def _tally(preds: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """n, correct, accuracy with its Wilson 95% CI, unextractable count and rate, and the chance level (mean of
+    1/options over the items; None when the predictions do not say how many options an item had)."""
+    n, k = len(preds), sum(_is_correct(p) for p in preds)
+    none = sum(p["pred"] is None for p in preds)
+    low, high = wilson_interval(k, n)
+    opts = [p.get("n_options") for p in preds]
+    chance = sum(1 / o for o in opts) / n if all(isinstance(o, int) and o > 0 for o in opts) else None
+    return {"n": n, "correct": k, "accuracy": k / n, "ci95": {"low": low, "high": high}, "unextractable": none,
+            "no_answer_rate": none / n, "chance": chance}
+
+
+def _paired(no_ttt: list[Mapping[str, Any]], ttt: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """With vs without TTT on the same items: McNemar's exact test (None when the item sets differ)."""
+    from finemed_ray.eval.stats import paired_comparison
+
+    try:
+        return paired_comparison([{"id": p["id"], "correct": _is_correct(p)} for p in no_ttt],
+                                 [{"id": p["id"], "correct": _is_correct(p)} for p in ttt])
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ baseline
@@ -182,12 +209,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ["accuracy"] + [_acc_cell(entry[s]) for s in present],
             ["correct / n"] + [f"{entry[s]['correct']} / {entry[s]['n']}" for s in present],
             ["unextractable"] + [str(entry[s]["unextractable"]) for s in present],
+            ["chance"] + [_pct(entry[s]["chance"]) if entry[s].get("chance") is not None else "–" for s in present],
         ]
         if "delta" in entry:
             unx = entry["ttt"]["unextractable"] - entry["no_ttt"]["unextractable"]
-            rows[0].append(_pp(entry["delta"]))
+            paired = entry.get("paired")
+            rows[0].append(_pp(entry["delta"]) + (f" (McNemar exact p={paired['p_value']:.3g}, gained "
+                                                  f"{paired['gained']}, lost {paired['lost']})" if paired else ""))
             rows[1].append("")
             rows[2].append(f"{unx:+d}")
+            rows[3].append("")
         if bench in deltas:
             row = ["Δ vs baseline"]
             for s in present:
@@ -199,6 +230,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"## {bench}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
+        if entry.get("categories"):
+            lines += [f"### {bench} by category", "", "| category | " + " | ".join(_LABELS[s] for s in present)
+                      + " |", "|" + "---|" * (len(present) + 1)]
+            for cat, per in entry["categories"].items():
+                cells = [f"{_acc_cell(per[s])}, n={per[s]['n']}" if s in per else "–" for s in present]
+                lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -45,14 +45,35 @@ def item_messages(item: MCQItem, cfg: dict) -> list[dict[str, str]]:
     return build_messages(item, mode=mode, system_prompt=system)
 
 
+# Fields a benchmark row may carry that group its items for the report (MMLU-Pro `category`, MedMCQA
+# `subject_name`, MMLU `subject`, MedQA `meta_info`); the first one present wins.
+CATEGORY_FIELDS = ("category", "subject_name", "subject", "meta_info")
+
+
+def item_category(item: MCQItem) -> str:
+    """The item's category for the per-category report, or "" when its benchmark has none."""
+    for key in CATEGORY_FIELDS:
+        value = item.extra.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
 def item_rows(sets: dict[str, BenchmarkSet], cfg: dict) -> list[dict[str, Any]]:
     rows = []
     for name, bset in sets.items():
         for item in bset:
             rows.append({"key": f"{name}:{item.id}", "benchmark": name, "id": item.id, "gold": item.answer,
                          "question": item.question, "options": json.dumps(item.options, ensure_ascii=False),
-                         "kind": item.kind, "messages": item_messages(item, cfg)})
+                         "kind": item.kind, "messages": item_messages(item, cfg),
+                         "n_options": len(item.options), "category": item_category(item)})
     return rows
+
+
+def _item_fields(row: dict) -> dict[str, Any]:
+    """What every prediction carries besides the answer: option count (for the chance level) and category."""
+    return {"n_options": row.get("n_options") or len(json.loads(row["options"])),
+            "category": row.get("category") or None}
 
 
 def _item(row: dict) -> MCQItem:
@@ -82,7 +103,8 @@ def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **ext
                 pred = match_option(answer, list(options.items()))
                 method = "stated_option_text" if pred else "none"
     return {"benchmark": row["benchmark"], "id": row["id"], "gold": row["gold"], "pred": pred,
-            "raw": text if text is not None else f"<error: {error}>", "method": method, "ttt": ttt, **extra}
+            "raw": text if text is not None else f"<error: {error}>", "method": method, "ttt": ttt,
+            **_item_fields(row), **extra}
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -177,7 +199,7 @@ class EvalWorker:
                 best = max(range(len(conts)), key=lambda j: (scores[j], -j))
                 out.append({"benchmark": row["benchmark"], "id": row["id"], "gold": row["gold"],
                             "pred": conts[best][0], "raw": json.dumps(dict(zip([k for k, _ in conts], scores))),
-                            "method": "loglik", "ttt": self.ttt})
+                            "method": "loglik", "ttt": self.ttt, **_item_fields(row)})
         return out
 
     def _generate(self, rows: list[dict], lora) -> list[dict]:
