@@ -73,7 +73,9 @@ def checkpoint_registered(cfg) -> bool:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles its actor processes 'ray::RayTrainWorker...')."""
+    """PIDs of live Ray Train worker processes (Ray titles its actor processes 'ray::RayTrainWorker...'). Any on the
+    machine: run this test alone (another job's worker would be the wrong target; the state API, which could tell
+    them apart, timed out under load here)."""
     import psutil
 
     pids = []
@@ -121,7 +123,17 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_samples(reference,
                 os.kill(killed, signal.SIGKILL)
                 break
         time.sleep(0.2)
-    assert killed, "never found a checkpoint and two live training workers to kill"
+    assert killed, "never found a checkpoint and two live training workers of this run to kill"
+    for _ in range(50):  # the fault happened: the process is gone (a zombie until Ray reaps it counts as gone)
+        try:
+            with open(f"/proc/{killed}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"worker {killed} still alive after SIGKILL")
     thread.join(timeout=600)
     assert not thread.is_alive()
     if "error" in outcome:
