@@ -68,6 +68,22 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def bare_model_dir(tiny_model_dir, tmp_path):
+    """A copy of the tiny model whose tokenizer has no chat template (a model the jobs must refuse clearly)."""
+    import json
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    tok_cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    for f in bare.glob("chat_template*"):
+        f.unlink()
+    return bare
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer

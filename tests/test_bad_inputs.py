@@ -252,22 +252,13 @@ def test_empty_jsonl_files_fail_naming_them(tiny_model_dir, ray_cluster, s3_pref
 
 
 # ------------------------------------------------------------------------------------------ model path in errors
-def test_model_without_chat_template_names_the_s3_path(tiny_model_dir, s3, s3_prefix, tmp_path):
-    import shutil
-
+def test_model_without_chat_template_names_the_s3_path(bare_model_dir, s3, s3_prefix):
     from finemed_ray.config import load_config
     from finemed_ray.train.configs import SFTJobConfig
     from finemed_ray.train.sft import SFTJob
 
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_model_dir, bare)
-    tok_cfg = json.loads((bare / "tokenizer_config.json").read_text())
-    tok_cfg.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    for f in bare.glob("chat_template*"):
-        f.unlink()
     model_uri = f"{s3_prefix}/models/bare"
-    storage.publish_dir(str(bare), model_uri)
+    storage.publish_dir(str(bare_model_dir), model_uri)
     data = _put(f"{s3_prefix}/d.jsonl", _line(sample_sft_rows(n=1)[0]) + b"\n")
     cfg = load_config(SFTJobConfig, ROOT / "configs/sft_tiny.yaml",
                       [f"run.storage_path={s3_prefix}/runs", f"model.path={model_uri}", f"data.path={data}",

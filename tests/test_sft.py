@@ -139,16 +139,8 @@ def test_missing_data_fails_before_training(tiny_model_s3, s3, s3_prefix):
         SFTJob(cfg).setup()
 
 
-def test_model_without_chat_template_fails(tiny_model_dir, s3, s3_prefix, tmp_path):
-    import shutil
-
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_model_dir, bare)
-    tok_cfg = json.loads((bare / "tokenizer_config.json").read_text())
-    tok_cfg.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    for f in bare.glob("chat_template*"):
-        f.unlink()
+def test_model_without_chat_template_fails(bare_model_dir, s3, s3_prefix):
+    bare = bare_model_dir
     data_uri = f"{s3_prefix}/d.jsonl"
     write_jsonl(sample_sft_rows(n=4), data_uri)
     cfg = sft_config(s3_prefix, str(bare), data_uri)

@@ -289,28 +289,22 @@ class Ingress:
                                             "owned_by": "finemed-ray"} for i in ids]}
 
     async def chat(self, request: Request):
-        from fastapi.responses import StreamingResponse
-
-        body = await self.body(request, ChatCompletionRequest)
-        req, info = await self.gen_request(body, chat=True)
-        if body.streaming():
-            return StreamingResponse(self._sse(req, body.model, True, info, body.include_usage()),
-                                     media_type="text/event-stream")
-        res: GenResult = await self.engine.generate.remote(req)
-        return chat_response(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
-                             info)
+        return await self._complete(request, ChatCompletionRequest, chat=True)
 
     async def completions(self, request: Request):
+        return await self._complete(request, CompletionRequest, chat=False)
+
+    async def _complete(self, request: Request, model_cls: type, chat: bool):
         from fastapi.responses import StreamingResponse
 
-        body = await self.body(request, CompletionRequest)
-        req, info = await self.gen_request(body, chat=False)
+        body = await self.body(request, model_cls)
+        req, info = await self.gen_request(body, chat=chat)
         if body.streaming():
-            return StreamingResponse(self._sse(req, body.model, False, info, body.include_usage()),
+            return StreamingResponse(self._sse(req, body.model, chat, info, body.include_usage()),
                                      media_type="text/event-stream")
         res: GenResult = await self.engine.generate.remote(req)
-        return completion_response(body.model, res.text, res.finish_reason, res.prompt_tokens,
-                                   res.completion_tokens, info)
+        respond = chat_response if chat else completion_response
+        return respond(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens, info)
 
     async def _sse(self, req: GenRequest, model: str, chat: bool, info: dict | None, include_usage: bool):
         cid = new_id("chatcmpl" if chat else "cmpl")
