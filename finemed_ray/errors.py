@@ -14,7 +14,14 @@ class ConfigError(FinemedError):
 
 
 class StorageError(FinemedError):
-    """A local or s3:// path is missing, unreadable or unwritable."""
+    """A local or s3:// path is missing, unreadable or unwritable.
+
+    ``transient`` marks an error that may go away by itself (the endpoint unreachable, a 5xx, throttling): the
+    storage layer retries those for a while before it gives up."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class ModelError(FinemedError):

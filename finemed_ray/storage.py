@@ -26,15 +26,17 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from finemed_ray.errors import StorageError
 
@@ -115,6 +117,110 @@ def _local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+# ---------------------------------------------------------------------------------- transient S3 errors
+
+RETRY_WINDOW_VAR = "FINEMED_S3_RETRY_WINDOW_S"
+DEFAULT_RETRY_WINDOW_S = 120.0
+# Error codes and texts that say "try again later", not "this is wrong": the endpoint unreachable or resetting
+# connections, 5xx, throttling. pyarrow reports them as OSError texts from the AWS SDK ("AWS Error
+# NETWORK_CONNECTION ..."), botocore as ConnectionError subclasses or ClientError codes.
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+                    "ThrottlingException", "RequestTimeout", "RequestLimitExceeded", "TooManyRequestsException"}
+_TRANSIENT_TEXTS = ("NETWORK_CONNECTION", "SLOW_DOWN", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE", "THROTTLING",
+                    "REQUEST_TIMEOUT", "HTTP status 5", "Could not connect", "Connection was closed",
+                    "Connection reset", "Connection refused", "Read timeout", "Connect timeout")
+
+_T = TypeVar("_T")
+
+
+def retry_window_s() -> float:
+    """How long a storage operation keeps retrying transient S3 errors: ``$FINEMED_S3_RETRY_WINDOW_S`` (default
+    120 s; 0 turns retries off). Forwarded to Ray workers like every ``FINEMED_*`` variable."""
+    raw = os.environ.get(RETRY_WINDOW_VAR, "")
+    if not raw.strip():
+        return DEFAULT_RETRY_WINDOW_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StorageError(f"{RETRY_WINDOW_VAR}={raw!r}: not a number of seconds") from None
+    if value < 0:
+        raise StorageError(f"{RETRY_WINDOW_VAR}={raw!r}: must be >= 0")
+    return value
+
+
+def pyarrow_attempts_for_window(window_s: float) -> int:
+    """``max_attempts`` of pyarrow's AWS standard retry strategy that keeps retrying for about ``window_s``.
+
+    pyarrow has no time-based retry; its waits double up to a 20 s cap. Measured against a stopped endpoint
+    (pyarrow 26): 3 attempts give up after ~3 s, 8 after ~30 s, 12 after ~105 s, 16 after ~190 s, i.e. ~20 s per
+    attempt past the 8th."""
+    if window_s <= 0:
+        return 1
+    if window_s <= 30:
+        return max(3, min(8, 3 + int(window_s // 5)))
+    return 8 + int(-(-(window_s - 30) // 20))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is an S3 failure worth retrying (unreachable endpoint, reset connection, 5xx, throttling)."""
+    if isinstance(exc, StorageError):
+        return exc.transient
+    if isinstance(exc, BotoConnectionError):
+        return True
+    if isinstance(exc, ClientError):
+        return _error_code(exc) in _TRANSIENT_CODES
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    from_s3_library = isinstance(exc, (OSError, BotoCoreError)) or type(exc).__module__.startswith(
+        ("boto3", "s3transfer"))
+    return from_s3_library and any(t in str(exc) for t in _TRANSIENT_TEXTS)
+
+
+def retrying(uri: str, operation: Callable[[], _T], what: str = "") -> _T:
+    """Run ``operation`` (idempotent), retrying transient S3 errors with capped exponential backoff until the
+    retry window (:func:`retry_window_s`) is spent; then raise a StorageError that names ``uri`` and the wait."""
+    window = retry_window_s()
+    start = time.monotonic()
+    delay, attempt = 0.5, 0
+    while True:
+        try:
+            return operation()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            attempt += 1
+            waited = time.monotonic() - start
+            detail = _first_line(exc).removeprefix(f"{uri}: ")
+            if waited + delay > window:
+                if window <= 0:
+                    raise
+                raise StorageError(f"{uri}: S3 still unavailable after {waited:.0f} s of retries "
+                                   f"({RETRY_WINDOW_VAR}={window:g}): {detail}", transient=True) from exc
+            if attempt == 1:
+                log.warning("%s: S3 unavailable (%s); retrying for up to %g s%s", uri, detail, window,
+                            f" ({what})" if what else "")
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _retry_s3(func: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorator: an operation on an ``s3://`` URI (its first argument) is retried by :func:`retrying`."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(uri: str, *args: Any, **kwargs: Any) -> _T:
+        if not is_s3(uri):
+            return func(uri, *args, **kwargs)
+        return retrying(uri, lambda: func(uri, *args, **kwargs), func.__name__)
+
+    return wrapper
+
+
 # ------------------------------------------------------------------------------------------- S3 settings
 
 
@@ -145,8 +251,29 @@ class _S3Settings:
         return self.region or ("us-east-1" if self.endpoint_url else None)
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with a retry strategy sized to :func:`retry_window_s`, kept across pickling.
+
+    pyarrow's own ``__reduce__`` drops ``retry_strategy``, so a filesystem handed to Ray Data or Ray Train
+    (checkpoint uploads) would fall back to 3 attempts (~3 s) in every worker. This subclass rebuilds itself with
+    the window's strategy wherever it is unpickled, and is still an ``S3FileSystem`` for Ray's type checks."""
+
+    def __init__(self, window_s: float, **kwargs: Any) -> None:
+        strategy = pafs.AwsStandardS3RetryStrategy(max_attempts=pyarrow_attempts_for_window(window_s))
+        super().__init__(retry_strategy=strategy, **kwargs)
+        self._finemed_args = (window_s, kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        window_s, kwargs = self._finemed_args
+        return (_rebuild_retrying_s3, (window_s, kwargs))
+
+
+def _rebuild_retrying_s3(window_s: float, kwargs: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(window_s, **kwargs)
+
+
 _cache_lock = threading.Lock()
-_fs_cache: dict[_S3Settings, pafs.S3FileSystem] = {}
+_fs_cache: dict[tuple[_S3Settings, float], pafs.S3FileSystem] = {}
 _client_cache: dict[tuple[_S3Settings, int], Any] = {}
 
 
@@ -163,8 +290,9 @@ atexit.register(clear_fs_cache)
 
 
 def _s3_filesystem(settings: _S3Settings) -> pafs.S3FileSystem:
+    window = retry_window_s()
     with _cache_lock:
-        fs = _fs_cache.get(settings)
+        fs = _fs_cache.get((settings, window))
         if fs is None:
             kwargs: dict[str, Any] = {}
             if settings.endpoint_url:
@@ -178,8 +306,8 @@ def _s3_filesystem(settings: _S3Settings) -> pafs.S3FileSystem:
                     kwargs["session_token"] = settings.session_token
             if settings.effective_region():
                 kwargs["region"] = settings.effective_region()
-            fs = pafs.S3FileSystem(**kwargs)  # picklable: S3FileSystem implements __reduce__
-            _fs_cache[settings] = fs
+            fs = RetryingS3FileSystem(window, **kwargs)
+            _fs_cache[(settings, window)] = fs
         return fs
 
 
@@ -202,7 +330,7 @@ def s3_client() -> Any:
         client = _client_cache.get(key)
         if client is None:
             config = Config(
-                retries={"max_attempts": 5, "mode": "standard"},
+                retries={"max_attempts": 3, "mode": "standard"},  # short: retrying() owns the window
                 max_pool_connections=max(10, _TRANSFER_WORKERS * 2),
                 # Custom endpoints rarely do virtual-host buckets (no wildcard DNS for 127.0.0.1).
                 s3={"addressing_style": "path"} if settings.endpoint_url else None,
@@ -251,9 +379,16 @@ def missing_reason(uri: str) -> str:
 
 
 def _to_storage_error(uri: str, exc: BaseException) -> StorageError:
-    """Translate pyarrow/botocore/OS errors into a StorageError naming ``uri`` and the problem."""
+    """Translate pyarrow/botocore/OS errors into a StorageError naming ``uri`` and the problem; a transient
+    cause (:func:`is_transient`) makes a transient StorageError, which :func:`retrying` retries."""
     if isinstance(exc, StorageError):
         return exc
+    err = _classify_storage_error(uri, exc)
+    err.transient = is_transient(exc)
+    return err
+
+
+def _classify_storage_error(uri: str, exc: BaseException) -> StorageError:
     code = _error_code(exc)
     text = str(exc)
     bucket = _split_s3(uri)[0] if is_s3(uri) else None
@@ -318,6 +453,7 @@ def _s3_object_exists(bucket: str, key: str) -> bool:
         raise
 
 
+@_retry_s3
 def _is_file(uri: str) -> bool:
     if is_s3(uri):
         with _translate(uri):
@@ -328,6 +464,7 @@ def _is_file(uri: str) -> bool:
 # ------------------------------------------------------------------------------------------- basic IO
 
 
+@_retry_s3
 def exists(uri: str) -> bool:
     """True for a file or a non-empty prefix/directory. A missing bucket is False; access denied raises."""
     if is_s3(uri):
@@ -349,6 +486,7 @@ def exists(uri: str) -> bool:
     return os.path.exists(path)
 
 
+@_retry_s3
 def read_bytes(uri: str) -> bytes:
     fs, path = get_filesystem(uri)
     with _translate(uri):
@@ -360,6 +498,7 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
 
 
+@_retry_s3
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = get_filesystem(uri)
     with _translate(uri):
@@ -404,6 +543,7 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
+@_retry_s3
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """Files under ``uri`` (recursive) as sorted full URIs; a single file gives ``[uri]``; a missing prefix ``[]``."""
     suffixes = tuple(suffixes) if suffixes else None
@@ -462,11 +602,16 @@ def _upload_tasks(files: Sequence[tuple[str, str]], uri: str) -> list[Callable[[
             dest = f"s3://{bucket}/{prefix}{rel}"
             if not os.path.isfile(src):  # e.g. a dangling symlink: name the local file, not the S3 target
                 raise StorageError(f"{src}: cannot read local file to upload to {dest}")
-            with _translate(dest):
-                try:
-                    s3_client().upload_file(src, bucket, prefix + rel)
-                except OSError as exc:
-                    raise StorageError(f"{src}: cannot read local file to upload to {dest}: {exc}") from exc
+            def upload() -> None:
+                with _translate(dest):
+                    try:
+                        s3_client().upload_file(src, bucket, prefix + rel)
+                    except OSError as exc:
+                        if is_transient(exc):
+                            raise
+                        raise StorageError(f"{src}: cannot read local file to upload to {dest}: {exc}") from exc
+
+            retrying(dest, upload, "upload")
 
         return run
 
@@ -507,8 +652,11 @@ def download_dir(uri: str, local_dir: str) -> str:
         return local_dir
     bucket, key = _split_s3(uri)
     prefix = _dir_prefix(key)
-    with _translate(uri):
-        keys = list(_iter_s3_keys(bucket, prefix))
+    def list_keys() -> list[str]:
+        with _translate(uri):
+            return list(_iter_s3_keys(bucket, prefix))
+
+    keys = retrying(uri, list_keys, "list")
     if not keys:
         raise StorageError(f"{uri}: not found (no objects under this prefix)")
     os.makedirs(root, exist_ok=True)
@@ -517,8 +665,11 @@ def download_dir(uri: str, local_dir: str) -> str:
         def run() -> None:
             dest = _safe_join(root, k[len(prefix):], uri)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with _translate(f"s3://{bucket}/{k}"):
-                s3_client().download_file(bucket, k, dest)
+            def download() -> None:
+                with _translate(f"s3://{bucket}/{k}"):
+                    s3_client().download_file(bucket, k, dest)
+
+            retrying(f"s3://{bucket}/{k}", download, "download")
 
         return run
 
@@ -526,6 +677,7 @@ def download_dir(uri: str, local_dir: str) -> str:
     return local_dir
 
 
+@_retry_s3
 def delete(uri: str) -> None:
     """Delete a file or a whole prefix/directory; a missing one is not an error."""
     if not is_s3(uri):
@@ -559,6 +711,7 @@ def delete(uri: str) -> None:
             raise
 
 
+@_retry_s3
 def ensure_bucket(uri: str) -> None:
     """Create the bucket of an ``s3://`` URI if it does not exist (no-op for local paths)."""
     if not is_s3(uri):
@@ -711,8 +864,7 @@ def _publish_s3(src: str, uri: str, marker: str) -> None:
         delete(uri)
         _run_parallel(_upload_tasks(body, uri))
         _run_parallel(_upload_tasks(configs, uri))
-        with _translate(join(uri, marker)):
-            s3_client().put_object(Bucket=bucket, Key=_dir_prefix(key) + marker, Body=b"")
+        write_bytes(join(uri, marker), b"")
     except BaseException as exc:
         try:
             delete(uri)

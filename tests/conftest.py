@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,61 @@ def s3() -> Iterator[EmbeddedS3]:
         finally:
             server.stop()
             clear_fs_cache()
+
+
+class S3Outage:
+    """Stops the session's S3 server for ``seconds`` in a background thread, then restarts it on the same port
+    (moto keeps its objects in-process, so nothing is lost). ``blocked`` records that a request made during the
+    outage really failed to connect: a fault test asserts it before it asserts recovery."""
+
+    def __init__(self, server: "EmbeddedS3"):
+        self.server = server
+        self.blocked: str | None = None
+        self.stopped_at = self.restarted_at = 0.0
+        self._thread: threading.Thread | None = None
+
+    def start(self, seconds: float) -> "S3Outage":
+        self.server.stop()
+        self.stopped_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, seconds: float) -> None:
+        import boto3
+        from botocore.config import Config
+
+        try:  # one request, no retries: it must fail while the server is down
+            env = self.server.env
+            boto3.session.Session().client(
+                "s3", endpoint_url=self.server.endpoint_url, region_name=env["AWS_REGION"],
+                aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1),
+            ).list_buckets()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the server is the outage
+            self.blocked = f"{type(exc).__name__}: {exc}"
+        time.sleep(max(0.0, seconds - (time.monotonic() - self.stopped_at)))
+        port = self.server.port
+        self.server.start()  # same port: clients keep their endpoint
+        assert self.server.port == port
+        self.restarted_at = time.monotonic()
+
+    def wait(self, timeout: float = 60) -> None:
+        assert self._thread is not None
+        self._thread.join(timeout)
+        assert self.restarted_at, "the S3 server did not come back"
+
+
+@pytest.fixture
+def s3_outage(s3: EmbeddedS3) -> Iterator[S3Outage]:
+    """Start an outage of the session's S3 server with ``s3_outage.start(seconds)``; the server is always back
+    when the test ends."""
+    outage = S3Outage(s3)
+    try:
+        yield outage
+    finally:
+        if outage._thread is not None:
+            outage.wait()
 
 
 @pytest.fixture

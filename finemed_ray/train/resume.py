@@ -90,6 +90,17 @@ class DataPosition:
             )
 
 
+class ResumeLoadedCallback(TrainerCallback):
+    """Records that the Trainer got past loading its checkpoint (``on_train_begin`` runs right after
+    DeepSpeed/optimizer/scheduler state is restored), so that a later failure is not blamed on the checkpoint."""
+
+    def __init__(self) -> None:
+        self.loaded = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.loaded = True
+
+
 class DataPositionCallback(TrainerCallback):
     """Writes the data position into each checkpoint before ``RayTrainReportCallback`` uploads it.
 

@@ -151,7 +151,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         packing_sft_config_kwargs,
         resolve_pack_length,
     )
-    from finemed_ray.train.resume import DataPosition, DataPositionCallback
+    from finemed_ray.train.resume import DataPosition, DataPositionCallback, ResumeLoadedCallback
 
     class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
         pass
@@ -247,6 +247,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         local = work / "resume"
+        # The download goes through the run's RetryingS3FileSystem: a transient outage is waited out here.
         checkpoint.to_directory(str(local))
         resume_dir = local / RayTrainReportCallback.CHECKPOINT_NAME
         position = DataPosition.load(resume_dir)
@@ -256,6 +257,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         resumed_from = position.global_step
         log.warning("rank %d: resuming from step %d (epoch %d, %d rows of it trained)", rank,
                     position.global_step, position.epoch, position.rows_in_epoch[rank])
+    resume_loaded = ResumeLoadedCallback()
     trainer_kwargs: dict[str, Any] = {}
     if kind == "sft" and t.packing:
         pack_length = resolve_pack_length(t.pack_length, cfg.data.max_length,
@@ -274,6 +276,7 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         callbacks=[
             DataPositionCallback(source, loop_cfg["plan"], rank, world, gather),  # before the upload below
             RayTrainReportCallback(),
+            resume_loaded,
         ],
     )
     source.arm()
@@ -285,10 +288,15 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     except FinemedError:
         raise
     except Exception as e:
-        if resume_dir is None:
+        # Only a failure while the checkpoint's state was being restored is the checkpoint's fault; anything
+        # later (an S3 outage at the next upload, a killed peer) is reported as itself.
+        if resume_dir is None or resume_loaded.loaded:
             raise
-        raise FinemedError(f"resuming from the checkpoint at step {resumed_from} failed (corrupted?): "
-                           f"{type(e).__name__}: {e}") from e
+        where = checkpoint.path if checkpoint is not None else str(resume_dir)
+        if storage.is_s3(cfg.run.storage_path) and not where.startswith("s3://"):
+            where = f"s3://{where}"
+        raise FinemedError(f"the checkpoint at {where} (step {resumed_from}) cannot be restored, it may be "
+                           f"corrupt: {type(e).__name__}: {e}") from e
     train_seconds = time.time() - t0
     # Final eval loss on the held-out split (paper: 10%), on every rank: ZeRO-3 forward passes are collective.
     eval_metrics = trainer.evaluate() if eval_source else {}
