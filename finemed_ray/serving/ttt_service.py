@@ -44,7 +44,9 @@ class TTTService:
             t0 = time.time()
             cfgs = [self.settings(k, s) for _, k, s in queries]
             kmax = max(c.k for c in cfgs)
-            neighbours, distances = self.index.neighbours([q for q, _, _ in queries], kmax, self.encoder)
+            # SIFT's first k picks are its k picks (greedy), so cutting the kmax selection per query is exact
+            neighbours, distances = self.index.neighbours([q for q, _, _ in queries], kmax, self.encoder,
+                                                          **self.defaults.retrieval_kwargs())
             t_retrieve = time.time() - t0
             out: list[dict[str, Any] | None] = [None] * len(queries)
             todo: dict[tuple, list[int]] = {}  # (steps, k) -> query positions needing training

@@ -46,15 +46,16 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from finemed_ray.config import StrictModel
 from finemed_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation, with_system_prompt
 from finemed_ray.errors import ConfigError, DataError
+from finemed_ray.ttt.config import RetrievalSelection
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class TTTConfig(StrictModel):
-    """How each question is adapted (``ttt`` section of the evaluation and serving configs)."""
+class TTTConfig(RetrievalSelection):
+    """How each question is adapted (``ttt`` section of the evaluation and serving configs). Which rows it trains
+    on (``selection``, ``sift_lambda``, ``sift_candidates``): :class:`finemed_ray.ttt.config.RetrievalSelection`."""
 
     k: int = Field(3, ge=1, le=64, description="Neighbours retrieved per question (paper: 1).")
     steps: int = Field(4, ge=0, le=1000, description="Optimizer steps on the neighbours (paper: 1); 0 = no-op.")

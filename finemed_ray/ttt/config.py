@@ -1,13 +1,37 @@
-"""Typed config of the index-building job (``configs/index_*.yaml``); every field's description is its documentation."""
+"""Typed config of the index-building job (``configs/index_*.yaml``), and of how TTT selects its training rows from
+an index (:class:`RetrievalSelection`, part of ``ttt.adapt`` in the evaluation and serving configs); every field's
+description is its documentation."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from finemed_ray.config import StrictModel
 from finemed_ray.ttt.embed import EncoderSpec
+from finemed_ray.ttt.select import SIFT_CANDIDATES, SIFT_LAMBDA
+
+
+class RetrievalSelection(StrictModel):
+    """Which of the index's rows a question trains on (fields of ``ttt.adapt``; see :mod:`finemed_ray.ttt.select`)."""
+
+    selection: Literal["nearest", "sift"] = Field(
+        "nearest", description="nearest: the k rows closest to the question (the paper's retrieval); sift: SIFT "
+        "(Hübotter et al., ICLR 2025), k greedy picks among the question's sift_candidates nearest rows that most "
+        "reduce the posterior variance of its embedding (kernel: inner product of normalised embeddings), so "
+        "near-duplicates are not picked twice over more informative rows; a row may be picked again (it then "
+        "weighs double).")
+    sift_lambda: float = Field(
+        SIFT_LAMBDA, gt=0, allow_inf_nan=False, description="SIFT's regularisation λ (observation noise): small = "
+        "diverse picks, large = the nearest row picked again and again (activeft's default 0.01).")
+    sift_candidates: int = Field(
+        SIFT_CANDIDATES, ge=1, le=100_000, description="SIFT chooses among this many nearest rows of the index "
+        "(the pool is cut to its size; more = slower, O(candidates x dim) per pick).")
+
+    def retrieval_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`finemed_ray.ttt.index.RetrievalIndex.neighbours` for this selection."""
+        return {"selection": self.selection, "sift_lambda": self.sift_lambda, "sift_candidates": self.sift_candidates}
 
 
 class PoolSection(StrictModel):

@@ -2,7 +2,8 @@
 
 FineMedLM-o1's test-time training embeds the test question (bge-large-en-v1.5, mean pooled), finds its nearest
 neighbour by exact L2 distance among the *prompt + chosen* texts of all DPO rows, and trains on that neighbour
-before answering. :func:`build_index` embeds such a pool; :class:`RetrievalIndex` loads it and answers queries.
+before answering. :func:`build_index` embeds such a pool; :class:`RetrievalIndex` loads it and answers queries
+(the k nearest rows, or SIFT's picks among the nearest rows: :mod:`finemed_ray.ttt.select`).
 
 Stored layout under ``out_uri`` (a local directory or an ``s3://`` prefix)::
 
@@ -53,6 +54,7 @@ from finemed_ray.data.sft_prepare import _reason_kind, _row_id, read_input
 from finemed_ray.errors import ConfigError, DataError, StorageError
 from finemed_ray.schemas import MESSAGES, parse_jsonl_line, to_raw, validate_messages, validate_sft_row
 from finemed_ray.ttt.embed import Encoder, EncoderSpec, identity_mismatch
+from finemed_ray.ttt.select import SIFT_CANDIDATES, SIFT_LAMBDA, check_selection, sift_select
 
 log = logging.getLogger(__name__)
 
@@ -475,16 +477,43 @@ class RetrievalIndex:
                 dists[s + r], idx[s + r] = exact[order], c[order]
         return dists, idx
 
+    def select(self, query_vectors: np.ndarray, k: int = 1, *, selection: str = "nearest",
+               sift_lambda: float = SIFT_LAMBDA, sift_candidates: int = SIFT_CANDIDATES
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows each query trains on: ``(distances float32 [q, k'], indices int64 [q, k'])``.
+
+        ``selection="nearest"``: :meth:`search` (``k' = min(k, count)``). ``"sift"``: SIFT
+        (:func:`finemed_ray.ttt.select.sift_select`, regularisation ``sift_lambda``) over the query's
+        ``sift_candidates`` nearest rows, in the order picked; ``k' = k`` and an index may repeat (re-selection).
+        The distances are each picked row's L2 distance to the query, as :meth:`search` reports it."""
+        check_selection(selection, sift_lambda, sift_candidates)
+        if selection == "nearest":
+            return self.search(query_vectors, k)
+        if k < 1:
+            raise ConfigError(f"k={k}: must be >= 1")
+        cand_d, cand_i = self.search(query_vectors, min(int(sift_candidates), self.count))
+        q = np.asarray(query_vectors, dtype=np.float32).reshape(cand_i.shape[0], self.dim)
+        dists = np.empty((q.shape[0], k), np.float32)
+        idx = np.empty((q.shape[0], k), np.int64)
+        for r in range(q.shape[0]):
+            picks, _ = sift_select(q[r], self.embeddings[cand_i[r]], k, sift_lambda)
+            dists[r], idx[r] = cand_d[r, picks], cand_i[r, picks]
+        return dists, idx
+
     def rows(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Pool rows (``POOL_SCHEMA`` dicts) at ``indices``."""
         return self.pool.take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
 
-    def neighbours(self, queries: Sequence[str] | np.ndarray, k: int = 1, encoder: Encoder | None = None
-                   ) -> tuple[list[list[dict[str, Any]]], np.ndarray]:
-        """For each query (a text, or a vector already embedded by a matching encoder) its ``k`` nearest pool rows:
+    def neighbours(self, queries: Sequence[str] | np.ndarray, k: int = 1, encoder: Encoder | None = None, *,
+                   selection: str = "nearest", sift_lambda: float = SIFT_LAMBDA,
+                   sift_candidates: int = SIFT_CANDIDATES) -> tuple[list[list[dict[str, Any]]], np.ndarray]:
+        """For each query (a text, or a vector already embedded by a matching encoder) its ``k`` pool rows:
         ``(rows, distances)`` with ``rows[q]`` a list of pool-row dicts (``POOL_SCHEMA`` + ``index``, the row's
-        position in the index), nearest first, and ``distances`` float32 ``[q, k]``. Texts are embedded with
-        ``encoder`` (checked against the index) or, when none is given, the index's own encoder from index.json."""
+        position in the index) and ``distances`` float32 ``[q, k]``. The rows are the ``k`` nearest, nearest first
+        (``selection="nearest"``, the default), or SIFT's picks in the order picked (``"sift"``, see
+        :meth:`select`; a row may come more than once). Texts are embedded with ``encoder`` (checked against the
+        index) or, when none is given, the index's own encoder from index.json."""
+        check_selection(selection, sift_lambda, sift_candidates)
         if isinstance(queries, np.ndarray):
             vectors = queries
         else:
@@ -498,7 +527,8 @@ class RetrievalIndex:
             else:
                 self.check_encoder(encoder)
             vectors = encoder.encode(texts)
-        dists, idx = self.search(vectors, k)
+        dists, idx = self.select(vectors, k, selection=selection, sift_lambda=sift_lambda,
+                                 sift_candidates=sift_candidates)
         rows = [[{**row, "index": int(i)} for row, i in zip(self.rows(i_row), i_row)] for i_row in idx]
         return rows, dists
 
