@@ -123,7 +123,8 @@ def _check_report_files(out: str, report: dict) -> None:
     assert "| metric | without TTT | with TTT | Δ (TTT − no TTT) |" in md
     assert "| accuracy | 60.0% (95% CI 31.3–83.2) | 80.0% (95% CI 49.0–94.3) | +20.0 pp (McNemar exact p=0.5, gained 2, lost 0) |" in md
     assert "| correct / n | 6 / 10 | 8 / 10 |  |" in md
-    assert "| unextractable | 1 | 0 | -1 |" in md
+    assert "| unextractable | 1 (10.0%) | 0 (0.0%) | -1 |" in md
+    assert "cut off at max tokens" not in md  # no generated replies recorded a cut-off: no row is invented
     assert "| metric | without TTT |\n" in md  # pubmedqa: one setting, no delta column
     png = storage.read_bytes(storage.join(out, "accuracy.png"))
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
@@ -143,7 +144,7 @@ def test_write_report_local(tmp_path):
     assert report["meta"] == {"model": "tiny", "mode": "direct"}
     assert report["baseline"] is None
     assert sorted(p.name for p in (tmp_path / "eval" / "run1").iterdir()) == [
-        "accuracy.png", "predictions.jsonl", "report.json", "report.md"]
+        "accuracy.png", "predictions.jsonl", "report.json", "report.md", "results_lm_eval.json"]
     _check_report_files(out, report)
     assert "- **model**: tiny" in (tmp_path / "eval" / "run1" / "report.md").read_text()
 
@@ -157,8 +158,9 @@ def test_write_report_s3_with_baseline(tmp_path, s3_prefix):
 
     out = f"{s3_prefix}/run"
     report = write_report(out, _preds(), baseline=base_uri, meta={"model": "tiny"})
-    assert set(storage.list_files(out)) == {f"{out}/{name}" for name in
-                                            ("accuracy.png", "predictions.jsonl", "report.json", "report.md")}
+    assert set(storage.list_files(out)) == {f"{out}/{name}" for name in ("accuracy.png", "predictions.jsonl",
+                                                                         "report.json", "report.md",
+                                                                         "results_lm_eval.json")}
     _check_report_files(out, report)
     deltas = report["baseline"]["deltas"]
     assert report["baseline"]["source"] == base_uri
@@ -182,3 +184,139 @@ def test_load_report_errors(tmp_path):
     (tmp_path / "x.json").write_text('{"not": "a report"}')
     with pytest.raises(DataError, match="not an evaluation report"):
         load_report(str(tmp_path / "x.json"))
+
+
+# ------------------------------------------------------------------------------------------------ cut-off rate
+def test_cut_off_rate_is_reported_beside_the_no_answer_rate():
+    preds = []
+    for i in range(10):  # without TTT 3 of 10 replies hit the token budget (2 of them left no answer), with TTT 1
+        preds.append({"benchmark": "medqa", "id": i, "gold": "A", "pred": None if i in (0, 1) else "A",
+                      "raw": "## Thought ...", "method": "cut_off" if i < 2 else "answer_phrase", "ttt": False,
+                      "cut_off": i < 3, "completion_tokens": 512 if i < 3 else 100})
+        preds.append({"benchmark": "medqa", "id": i, "gold": "A", "pred": "A", "raw": "ok", "method": "x",
+                      "ttt": True, "cut_off": i == 0})
+    # log-likelihood predictions carry no cut-off flag: no count is made up for them
+    preds.append({"benchmark": "pubmedqa", "id": "p", "gold": "A", "pred": "A", "raw": "{}", "method": "loglik",
+                  "ttt": False})
+    s = score(preds)
+    base = s["medqa"]["no_ttt"]
+    assert (base["cut_off"], base["cut_off_rate"]) == (3, 0.3)
+    assert (base["unextractable"], base["no_answer_rate"]) == (2, 0.2)
+    assert (s["medqa"]["ttt"]["cut_off"], s["medqa"]["ttt"]["cut_off_rate"]) == (1, 0.1)
+    assert "cut_off" not in s["pubmedqa"]["no_ttt"]
+    md = render_markdown({"scores": s})
+    medqa = md.split("## medqa")[1].split("## pubmedqa")[0]
+    lines = medqa.splitlines()
+    unx = next(i for i, line in enumerate(lines) if line.startswith("| unextractable |"))
+    assert lines[unx] == "| unextractable | 2 (20.0%) | 0 (0.0%) | -2 |"
+    assert "| cut off at max tokens | 3 (30.0%) | 1 (10.0%) | -2 |" in lines
+    assert "cut off at max tokens" not in md.split("## pubmedqa")[1]
+
+
+def test_runner_marks_replies_that_used_the_whole_budget():
+    from finemed_ray.eval.runner import _prediction, cut_off
+
+    assert cut_off("text", 64, 64) is True and cut_off("text", 63, 64) is False
+    assert cut_off(None, 0, 64) is None and cut_off("text", None, 64) is None
+    row = {"benchmark": "b", "id": "1", "gold": "A", "options": json.dumps({"A": "yes", "B": "no"}),
+           "n_options": 2, "category": ""}
+    cut = _prediction(row, "## Thought\n\nStep 1: it could be", None, False, max_tokens=8, completion_tokens=8)
+    assert (cut["cut_off"], cut["pred"], cut["method"]) == (True, None, "cut_off")
+    stopped = _prediction(row, "## Thought\n\nStep 1: it could be", None, False, max_tokens=8, completion_tokens=5)
+    assert (stopped["cut_off"], stopped["method"]) == (False, "unfinished")
+    failed = _prediction(row, None, "boom", False, max_tokens=8, completion_tokens=0)
+    assert failed["cut_off"] is None and failed["method"] == "error"
+
+
+# ------------------------------------------------------------------------------------------------ published figures
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _figures_yaml(tmp_path, body: str) -> str:
+    path = tmp_path / "figures.yaml"
+    path.write_text(body)
+    return str(path)
+
+
+def test_report_renders_published_figures_as_quoted_with_their_source(tmp_path):
+    uri = _figures_yaml(tmp_path, """
+figures:
+  - model: Some-8B
+    benchmark: medqa
+    accuracy: 61.5
+    source: A paper (arXiv 0000.00000), Table 2
+    url: https://arxiv.org/abs/0000.00000
+    setting: 5-shot
+  - model: Some-8B
+    benchmark: mmlu_medical
+    category: anatomy
+    accuracy: 70.0
+    source: A model card
+    url: https://example.org/card
+""")
+    report = write_report(str(tmp_path / "out"), _preds(), published=uri)
+    assert report["published"]["source"] == uri and len(report["published"]["figures"]) == 2
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("## Published figures (quoted, not measured)")[1].split("\n## ")[0]
+    assert "not measured here, and not comparable like-for-like" in section
+    assert ("| benchmark | measured here, without TTT | measured here, with TTT | model (published) "
+            "| accuracy (quoted, not measured) | source |") in section
+    # our measured figure sits beside the quoted one, in its own column; the source is linked
+    assert ("| medqa | 60.0% (95% CI 31.3–83.2) | 80.0% (95% CI 49.0–94.3) | Some-8B | 61.5% (5-shot) "
+            "| [A paper (arXiv 0000.00000), Table 2](https://arxiv.org/abs/0000.00000) |") in section
+    assert "1 quoted figures are for benchmarks not in this run: mmlu_medical." in section
+    # the quoted figures never enter the measured tables or the chart's series
+    assert "61.5" not in md.split("## medqa")[1]
+
+
+def test_published_figure_beside_our_category(tmp_path):
+    preds = [{"benchmark": "mmlu_medical", "id": i, "gold": "A", "pred": "A" if i < 3 else "B", "raw": "", "ttt": False,
+              "category": "anatomy" if i < 4 else "virology"} for i in range(8)]
+    published = {"source": None, "figures": [{"model": "M", "benchmark": "mmlu_medical", "category": "anatomy",
+                                              "accuracy": 49.3, "source": "S", "url": "u", "setting": None}]}
+    md = render_markdown({"scores": score(preds), "published": published})
+    assert "| mmlu_medical / anatomy | 75.0% (95% CI 30.1–95.4) | M | 49.3% | [S](u) |" in md
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ("figures:\n  - {model: M, benchmark: medqa, accuracy: 50, url: u}\n", r"figures\.0\.source: Field required"),
+    ("figures:\n  - {model: M, benchmark: medqa, accuracy: 50, source: '  ', url: u}\n", r"figures\.0\.source"),
+    ("figures:\n  - {model: M, benchmark: medqa, accuracy: 150, source: s, url: u}\n", r"figures\.0\.accuracy"),
+    ("figures:\n  - {model: M, benchmark: medqa, accuracy: 50, source: s, url: u, note: x}\n",
+     r"figures\.0\.note: unknown key"),
+    ("figures:\n  - {model: M, benchmark: medqa, accuracy: 50, source: s, url: u}\n"
+     "  - {model: M, benchmark: medqa, accuracy: 51, source: t, url: v}\n", r"figures\.1: M on medqa is already"),
+    ("figures: []\n", r"figures: List should have at least 1 item"),
+    ("- just a list\n", r"expected a mapping"),
+    ("figures: [\n", r"not valid YAML"),
+])
+def test_bad_baselines_file_names_the_file_and_the_key(tmp_path, body, match):
+    from finemed_ray.errors import ConfigError
+    from finemed_ray.eval.report import load_baselines
+
+    uri = _figures_yaml(tmp_path, body)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_baselines(uri)
+    assert uri in str(err.value)
+
+
+def test_shipped_baselines_validate_and_every_figure_has_a_source():
+    from finemed_ray.eval.report import load_baselines
+
+    files = sorted((ROOT / "configs" / "baselines").glob("*.yaml"))
+    assert files, "no published-figure files shipped"
+    for path in files:
+        figures = load_baselines(str(path))["figures"]
+        assert figures
+        for f in figures:
+            assert f["source"].strip() and f["url"].startswith("https://"), f
+        header = " ".join(path.read_text().split("\nfigures:")[0].replace("#", " ").split()).lower()
+        assert "not comparable like-for-like" in header and "quoted from the source" in header
+
+
+def test_chart_of_a_perfect_score(tmp_path):
+    # Wilson's upper bound at 6/6 is 0.9999999999999999: the error bar must not come out negative.
+    preds = [{"benchmark": "b", "id": i, "gold": "A", "pred": "A", "raw": "", "ttt": False} for i in range(6)]
+    assert wilson_interval(6, 6)[1] < 1.0
+    write_report(str(tmp_path), preds)
+    assert (tmp_path / "accuracy.png").read_bytes().startswith(PNG_MAGIC)

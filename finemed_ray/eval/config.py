@@ -12,6 +12,37 @@ from finemed_ray.synth.config import TeacherConfig
 from finemed_ray.ttt.adapt import TTTConfig
 
 
+class FewShotSection(StrictModel):
+    k: int = Field(0, ge=0, le=32, description="Worked examples put before each question (0 = zero-shot).")
+    split_path: str | None = Field(
+        None, description="MCQ JSONL (local or s3://) of a dev split the examples are drawn from; required when "
+        "k > 0. Never the evaluated file, and a dev question that is also a test question is never drawn."
+    )
+    seed: int = Field(0, description="Seed of the draw: the same seed and dev split give the same examples.")
+
+    @model_validator(mode="after")
+    def _dev_split_needed(self) -> FewShotSection:
+        # Examples drawn from the evaluated rows would leak answers into the prompt: a dev split must be named.
+        if self.k > 0 and not self.split_path:
+            raise ValueError(f"few_shot.split_path: required when few_shot.k > 0 (k={self.k}); the examples come "
+                             f"from a dev split, never from the rows being evaluated")
+        return self
+
+
+class EvalBenchmarkSpec(BenchmarkSpec):
+    """A benchmark of the evaluation job: where it is (:class:`BenchmarkSpec`) and its few-shot examples."""
+
+    few_shot: FewShotSection = Field(
+        default_factory=FewShotSection, description="Worked examples from a dev split (k, split_path, seed)."
+    )
+
+    @model_validator(mode="after")
+    def _dev_is_not_test(self) -> EvalBenchmarkSpec:
+        if self.few_shot.k > 0 and self.few_shot.split_path == self.path:
+            raise ValueError(f"few_shot.split_path: {self.path!r} is the evaluated file itself; name a dev split")
+        return self
+
+
 class PromptSection(StrictModel):
     mode: Literal["reasoning", "direct", "question"] = Field(
         "reasoning",
@@ -52,7 +83,8 @@ class TTTSection(StrictModel):
 
 
 class EvalOutputSection(StrictModel):
-    path: str = Field(description="Report prefix (local or s3://): report.json/.md, accuracy.png, predictions.jsonl.")
+    path: str = Field(description="Report prefix (local or s3://): report.json/.md, accuracy.png, predictions.jsonl, "
+                      "results_lm_eval.json.")
     baseline: str | None = Field(None, description="A previous report.json (or its prefix) to compare against.")
 
 
@@ -66,12 +98,18 @@ class EvalJobConfig(StrictModel):
     engine: TeacherConfig = Field(
         description="The model under evaluation behind the engine interface: hf (transformers), vllm, or http."
     )
-    benchmarks: list[BenchmarkSpec] = Field(min_length=1, description="Benchmark sets (name, path, kind, limit).")
+    benchmarks: list[EvalBenchmarkSpec] = Field(
+        min_length=1, description="Benchmark sets (name, path, kind, limit, few_shot)."
+    )
     prompt: PromptSection = Field(default_factory=PromptSection, description="How items are put to the model.")
     scoring: ScoringSection = Field(default_factory=ScoringSection, description="Generation or log-likelihood.")
     ttt: TTTSection = Field(default_factory=TTTSection, description="Test-time training.")
     output: EvalOutputSection = Field(description="Where the report goes.")
     ray: EvalRaySection = Field(default_factory=EvalRaySection, description="Which Ray cluster runs the job.")
+    baselines: str | None = Field(
+        None, description="YAML file of published figures (e.g. configs/baselines/medical_8b.yaml), shown in the "
+        "report beside ours as quoted, not measured; null = none."
+    )
 
     @model_validator(mode="after")
     def _engine_supports(self) -> EvalJobConfig:

@@ -8,8 +8,16 @@ reported beside it: a format problem must not pass for a knowledge problem.
 Intervals are Wilson score intervals (95 %): unlike the normal approximation they stay inside [0, 1] and are
 honest for small n and accuracies near 0 or 1, which per-benchmark smoke runs produce.
 
-:func:`write_report` writes ``report.json``, ``report.md``, ``accuracy.png`` and ``predictions.jsonl`` under a
-local directory or an ``s3://`` prefix (through :mod:`finemed_ray.storage`).
+Generative predictions also carry ``cut_off`` (the token budget ended the reply): its count and rate are reported
+beside the no-answer count, so a budget too small for the model's reasoning is not read as ignorance.
+
+Published figures (:func:`load_baselines`, a YAML file such as ``configs/baselines/medical_8b.yaml``) are shown in
+their own table, labelled quoted, not measured, each with its source: they come with their own prompts and
+scoring and are context, not a like-for-like comparison.
+
+:func:`write_report` writes ``report.json``, ``report.md``, ``accuracy.png``, ``predictions.jsonl`` and
+``results_lm_eval.json`` (the layout of lm-evaluation-harness results files, :func:`lm_eval_results`) under a local
+directory or an ``s3://`` prefix (through :mod:`finemed_ray.storage`).
 """
 
 from __future__ import annotations
@@ -17,18 +25,25 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from finemed_ray import storage
-from finemed_ray.errors import DataError
+from pydantic import Field, field_validator, model_validator
 
-__all__ = ["SETTINGS", "load_report", "score", "wilson_interval", "write_report"]
+from finemed_ray import storage
+from finemed_ray.config import StrictModel
+from finemed_ray.errors import ConfigError, DataError
+
+__all__ = ["SETTINGS", "lm_eval_results", "load_baselines", "load_report", "score", "wilson_interval",
+           "write_report"]
 
 SETTINGS = ("no_ttt", "ttt")  # report keys of the two test-time-training settings
 _LABELS = {"no_ttt": "without TTT", "ttt": "with TTT"}
 _REQUIRED = ("benchmark", "id", "gold", "pred", "ttt")
-REPORT_FILES = ("report.json", "report.md", "accuracy.png", "predictions.jsonl")
+LM_EVAL_FILE = "results_lm_eval.json"
+REPORT_FILES = ("report.json", "report.md", "accuracy.png", "predictions.jsonl", LM_EVAL_FILE)
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -77,9 +92,9 @@ def _is_correct(p: Mapping[str, Any]) -> bool:
 
 def score(predictions: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per benchmark (sorted) and TTT setting: ``{"n", "correct", "accuracy", "ci95": {"low", "high"},
-    "unextractable", "no_answer_rate", "chance"}``; with both settings also ``"delta"`` (TTT minus no-TTT
-    accuracy) and ``"paired"`` (McNemar's exact test on the same items); with categories on the items,
-    ``"categories"``: category -> setting -> the same tally.
+    "unextractable", "no_answer_rate", "chance"}`` (generated replies also ``"cut_off", "cut_off_rate"``); with
+    both settings also ``"delta"`` (TTT minus no-TTT accuracy) and ``"paired"`` (McNemar's exact test on the
+    same items); with categories on the items, ``"categories"``: category -> setting -> the same tally.
     DataError for an empty list, a malformed prediction or a duplicate (benchmark, id, ttt)."""
     rows = _check(predictions)
     groups: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
@@ -107,15 +122,22 @@ def score(predictions: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def _tally(preds: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """n, correct, accuracy with its Wilson 95% CI, unextractable count and rate, and the chance level (mean of
-    1/options over the items; None when the predictions do not say how many options an item had)."""
+    """n, correct, accuracy with its Wilson 95% CI, unextractable count and rate, the chance level (mean of
+    1/options over the items; None when the predictions do not say how many options an item had), and for
+    generated replies ``cut_off`` / ``cut_off_rate`` (replies the token budget ended)."""
     n, k = len(preds), sum(_is_correct(p) for p in preds)
     none = sum(p["pred"] is None for p in preds)
     low, high = wilson_interval(k, n)
     opts = [p.get("n_options") for p in preds]
     chance = sum(1 / o for o in opts) / n if all(isinstance(o, int) and o > 0 for o in opts) else None
-    return {"n": n, "correct": k, "accuracy": k / n, "ci95": {"low": low, "high": high}, "unextractable": none,
-            "no_answer_rate": none / n, "chance": chance}
+    out = {"n": n, "correct": k, "accuracy": k / n, "ci95": {"low": low, "high": high}, "unextractable": none,
+           "no_answer_rate": none / n, "chance": chance}
+    # Only generated replies can be cut off; log-likelihood predictions carry no flag and get no count.
+    flags = [p.get("cut_off") for p in preds]
+    if any(f is not None for f in flags):
+        out["cut_off"] = sum(bool(f) for f in flags)
+        out["cut_off_rate"] = out["cut_off"] / n
+    return out
 
 
 def _paired(no_ttt: list[Mapping[str, Any]], ttt: list[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -161,6 +183,175 @@ def _baseline_deltas(scores: Mapping[str, Any], baseline: Mapping[str, Any]) -> 
     return out
 
 
+# ------------------------------------------------------------------------------------------------ published figures
+class PublishedFigure(StrictModel):
+    """One accuracy a source published for one model on one benchmark (or one category of it)."""
+
+    model: str = Field(min_length=1, description="The model the figure is for, as the source names it.")
+    benchmark: str = Field(
+        min_length=1, description="Benchmark name as in our report (medqa, medmcqa, pubmedqa, mmlu_medical, ...)."
+    )
+    category: str | None = Field(None, description="A category of the benchmark (e.g. an MMLU subject); null = all.")
+    accuracy: float = Field(ge=0, le=100, description="Accuracy in percent, as the source prints it.")
+    source: str = Field(min_length=1, description="Where the figure is printed: paper + arXiv id + table, or card.")
+    url: str = Field(min_length=1, description="Link to the source (paper, model card or results file).")
+    setting: str | None = Field(None, description="The source's own evaluation setting, when it states one.")
+
+    @field_validator("model", "benchmark", "source", "url")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+
+class PublishedFigures(StrictModel):
+    """A file of published figures (``configs/baselines/*.yaml``)."""
+
+    figures: list[PublishedFigure] = Field(min_length=1, description="The quoted figures, each with its source.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> PublishedFigures:
+        seen: dict[tuple[str, str, str | None], int] = {}
+        for i, f in enumerate(self.figures):
+            key = (f.model, f.benchmark, f.category)
+            if key in seen:
+                raise ValueError(f"figures.{i}: {f.model} on {f.benchmark}"
+                                 f"{'/' + f.category if f.category else ''} is already figures.{seen[key]}")
+            seen[key] = i
+        return self
+
+
+def load_baselines(uri: str) -> dict[str, Any]:
+    """``{"source": uri, "figures": [...]}`` from a YAML file of published figures (local or s3://).
+    ConfigError naming the file and the bad key when the file does not validate."""
+    import yaml
+
+    from finemed_ray.config import validate
+
+    try:
+        data = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"baselines file {uri}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"baselines file {uri}: expected a mapping with a 'figures' list, got "
+                          f"{type(data).__name__}")
+    parsed = validate(PublishedFigures, data, source=f"baselines file {uri}")
+    return {"source": uri, "figures": [f.model_dump() for f in parsed.figures]}
+
+
+def _measured(scores: Mapping[str, Any], figure: Mapping[str, Any], setting: str) -> Mapping[str, Any] | None:
+    """Our tally beside a quoted figure: the same benchmark (and category, when the figure has one)."""
+    entry = scores.get(figure["benchmark"]) or {}
+    if figure.get("category"):
+        entry = (entry.get("categories") or {}).get(figure["category"]) or {}
+    return entry.get(setting)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_published(report: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of the quoted-figures table: our measured accuracy beside each figure a source published
+    for the same benchmark, in columns labelled apart, with the source of every figure."""
+    published = report.get("published") or {}
+    figures = published.get("figures") or []
+    if not figures:
+        return []
+    scores = report["scores"]
+    settings = [s for s in SETTINGS if any(s in e for e in scores.values())]
+    order = {b: i for i, b in enumerate(scores)}  # grouped by benchmark, in the report's order; stable within
+    shown = sorted((f for f in figures if f["benchmark"] in scores),
+                   key=lambda f: (order[f["benchmark"]], f.get("category") or ""))
+    lines = ["## Published figures (quoted, not measured)", "",
+             f"Quoted from the sources named ({published.get('source') or 'given as a dict'}), each under its own "
+             "prompt, shot count and scoring: not measured here, and not comparable like-for-like with the "
+             "measured figures.", ""]
+    head = ["benchmark"] + [f"measured here, {_LABELS[s]}" for s in settings] + [
+        "model (published)", "accuracy (quoted, not measured)", "source"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in shown:
+        name = f["benchmark"] + (f" / {f['category']}" if f.get("category") else "")
+        ours = [_acc_cell(m) if (m := _measured(scores, f, s)) else "–" for s in settings]
+        setting = f" ({_cell(f['setting'])})" if f.get("setting") else ""
+        lines.append("| " + " | ".join([_cell(name), *ours, _cell(f["model"]), f"{f['accuracy']:g}%{setting}",
+                                        f"[{_cell(f['source'])}]({f['url']})"]) + " |")
+    missing = sorted({f["benchmark"] for f in figures} - set(scores))
+    if missing:
+        lines += ["", f"{len(figures) - len(shown)} quoted figures are for benchmarks not in this run: "
+                  f"{', '.join(missing)}."]
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------------------ lm-eval layout
+LM_EVAL_TASK_VERSION = 1.0  # our prompt + scoring protocol of a task; bump when either changes
+
+
+def _lm_eval_task(bench: str, setting: str) -> tuple[str, str]:
+    """(task name, alias): the plain run keeps the benchmark's name, the TTT run is its own task."""
+    return (bench, bench) if setting == "no_ttt" else (f"{bench}_ttt", f"{bench} (with TTT)")
+
+
+def _acc_stderr(correct: int, n: int) -> float | str:
+    """lm-eval's ``mean_stderr`` of 0/1 scores: sample standard deviation (n - 1) over sqrt(n); "N/A" below 2."""
+    if n < 2:
+        return "N/A"
+    p = correct / n
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+def _lm_eval_model(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The results file's ``config``: which model ran, on which engine, with which generation settings."""
+    engine = meta.get("engine") or {}
+    backend, model = engine.get("backend"), engine.get("model")
+    args = f"model={model},base_url={engine.get('base_url')}" if backend == "http" else f"pretrained={model}"
+    generate = (meta.get("scoring") or {}).get("method", "generate") == "generate"
+    seeds = {(f or {}).get("seed") for f in (meta.get("few_shot") or {}).values()}
+    return {"model": backend, "model_args": args if model else None, "batch_size": engine.get("batch_size"),
+            "batch_sizes": [], "device": None, "use_cache": None,
+            "gen_kwargs": {"max_gen_toks": engine.get("max_tokens"), "temperature": engine.get("temperature"),
+                           "do_sample": bool(engine.get("temperature"))} if generate and engine else None,
+            "fewshot_seed": seeds.pop() if len(seeds) == 1 else None}
+
+
+def lm_eval_results(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report in the layout of an lm-evaluation-harness results file (``results``, ``configs``,
+    ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples``, ``config``, ``git_hash``, ``date``), so tools
+    that read those files read ours. Each benchmark is a task (``acc,none`` and ``acc_stderr,none``); with TTT,
+    ``<benchmark>_ttt`` is a task of its own."""
+    meta = report.get("meta") or {}
+    generate = (meta.get("scoring") or {}).get("method", "generate") == "generate"
+    out: dict[str, Any] = {key: {} for key in ("results", "group_subtasks", "configs", "versions", "n-shot",
+                                              "higher_is_better", "n-samples")}
+    for bench, entry in report["scores"].items():
+        shots = (meta.get("few_shot") or {}).get(bench) or {}
+        for setting in (s for s in SETTINGS if s in entry):
+            task, alias = _lm_eval_task(bench, setting)
+            tally = entry[setting]
+            out["results"][task] = {"alias": alias, "acc,none": tally["accuracy"],
+                                    "acc_stderr,none": _acc_stderr(tally["correct"], tally["n"])}
+            out["group_subtasks"][task] = []
+            out["configs"][task] = {
+                "task": task, "dataset_path": (meta.get("paths") or {}).get(bench), "test_split": "test",
+                "output_type": "generate_until" if generate else "multiple_choice",
+                "num_fewshot": shots.get("k", 0), "fewshot_split": shots.get("split_path"),
+                "fewshot_config": {"sampler": "random", "seed": shots.get("seed")} if shots.get("k") else None,
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                "metadata": {"version": LM_EVAL_TASK_VERSION, "ttt": setting == "ttt"}}
+            out["versions"][task] = LM_EVAL_TASK_VERSION
+            out["n-shot"][task] = shots.get("k", 0)
+            out["higher_is_better"][task] = {"acc": True}
+            out["n-samples"][task] = {"original": (meta.get("rows") or {}).get(bench, tally["n"]),
+                                      "effective": tally["n"]}
+    model = (meta.get("engine") or {}).get("model")
+    out.update({
+        "config": _lm_eval_model(meta), "git_hash": meta.get("git_hash"), "date": meta.get("date", time.time()),
+        "model_name": model, "model_name_sanitized": re.sub(r'["<>:/|\\?*\[\]]+', "__", model) if model else None,
+        "total_evaluation_time_seconds": str(meta["total_seconds"]) if "total_seconds" in meta else None})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -199,6 +390,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             cells.append(_pp(entry["delta"]) if "delta" in entry else "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += render_published(report)
 
     for bench, entry in scores.items():
         present = [s for s in SETTINGS if s in entry]
@@ -208,9 +400,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         rows = [
             ["accuracy"] + [_acc_cell(entry[s]) for s in present],
             ["correct / n"] + [f"{entry[s]['correct']} / {entry[s]['n']}" for s in present],
-            ["unextractable"] + [str(entry[s]["unextractable"]) for s in present],
+            ["unextractable"] + [f"{entry[s]['unextractable']} ({_pct(entry[s]['no_answer_rate'])})"
+                                 for s in present],
             ["chance"] + [_pct(entry[s]["chance"]) if entry[s].get("chance") is not None else "–" for s in present],
         ]
+        cut = any("cut_off" in entry[s] for s in present)
+        if cut:  # generated replies: how many the token budget ended, beside the no-answer count
+            rows.append(["cut off at max tokens"] + [
+                f"{entry[s]['cut_off']} ({_pct(entry[s]['cut_off_rate'])})" if "cut_off" in entry[s] else "–"
+                for s in present])
         if "delta" in entry:
             unx = entry["ttt"]["unextractable"] - entry["no_ttt"]["unextractable"]
             paired = entry.get("paired")
@@ -219,6 +417,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             rows[1].append("")
             rows[2].append(f"{unx:+d}")
             rows[3].append("")
+            if cut:
+                rows[4].append(f"{entry['ttt'].get('cut_off', 0) - entry['no_ttt'].get('cut_off', 0):+d}")
         if bench in deltas:
             row = ["Δ vs baseline"]
             for s in present:
@@ -240,6 +440,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _err(x: float) -> float:
+    """An error-bar length: the Wilson bound at 0 % or 100 % can sit a rounding error past the accuracy, and
+    matplotlib refuses negative lengths."""
+    return max(0.0, x)
+
+
 def render_chart(report: Mapping[str, Any]) -> bytes:
     """``accuracy.png``: grouped bars per benchmark (each setting, and the baseline when given) with 95% CI bars."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -255,8 +461,8 @@ def render_chart(report: Mapping[str, Any]) -> bytes:
             ref = base.get(b, {})
             s = ref.get("no_ttt") or ref.get("ttt")
             acc.append(s["accuracy"] if s else math.nan)
-            lo.append(s["accuracy"] - s["ci95"]["low"] if s else 0.0)
-            hi.append(s["ci95"]["high"] - s["accuracy"] if s else 0.0)
+            lo.append(_err(s["accuracy"] - s["ci95"]["low"]) if s else 0.0)
+            hi.append(_err(s["ci95"]["high"] - s["accuracy"]) if s else 0.0)
         series.append(("baseline", acc, lo, hi))
     for setting in SETTINGS:
         if not any(setting in scores[b] for b in benches):
@@ -265,8 +471,8 @@ def render_chart(report: Mapping[str, Any]) -> bytes:
         for b in benches:
             s = scores[b].get(setting)
             acc.append(s["accuracy"] if s else math.nan)
-            lo.append(s["accuracy"] - s["ci95"]["low"] if s else 0.0)
-            hi.append(s["ci95"]["high"] - s["accuracy"] if s else 0.0)
+            lo.append(_err(s["accuracy"] - s["ci95"]["low"]) if s else 0.0)
+            hi.append(_err(s["ci95"]["high"] - s["accuracy"]) if s else 0.0)
         series.append((_LABELS[setting], acc, lo, hi))
 
     fig = Figure(figsize=(max(4.0, 1.6 * len(benches) + 2), 4.0))
@@ -306,15 +512,20 @@ def write_report(
     *,
     baseline: Mapping[str, Any] | str | None = None,
     meta: Mapping[str, Any] | None = None,
+    published: Mapping[str, Any] | str | None = None,
 ) -> dict[str, Any]:
     """Score ``predictions`` and write the report files under ``out_uri`` (local dir or s3:// prefix).
 
     ``baseline``: a report dict (as :func:`load_report` returns) or the URI of one; adds "Δ vs baseline" rows.
+    ``published``: figures quoted from the literature (as :func:`load_baselines` returns, or the URI of such a
+    YAML file); rendered in their own table, labelled quoted, not measured.
     Returns the ``report.json`` content."""
     rows = _check(predictions)
     scores = score(rows)
+    if isinstance(published, str):
+        published = load_baselines(published)
     report: dict[str, Any] = {"meta": dict(meta or {}), "scores": scores, "baseline": None,
-                              "files": list(REPORT_FILES)}
+                              "published": dict(published) if published else None, "files": list(REPORT_FILES)}
     if baseline is not None:
         source = baseline if isinstance(baseline, str) else None
         base = load_report(baseline) if isinstance(baseline, str) else dict(baseline)
@@ -324,5 +535,6 @@ def write_report(
     storage.write_text(storage.join(out_uri, "predictions.jsonl"), _prediction_lines(rows))
     storage.write_bytes(storage.join(out_uri, "accuracy.png"), render_chart(report))
     storage.write_text(storage.join(out_uri, "report.md"), render_markdown(report))
+    storage.write_json(storage.join(out_uri, LM_EVAL_FILE), lm_eval_results(report))
     storage.write_json(storage.join(out_uri, "report.json"), report)  # last: its presence means the rest is there
     return report

@@ -5,7 +5,10 @@ interface the synthesis teachers and serving use (``finemed_ray.synth.teachers``
 through ``ray.data.llm``, or any OpenAI-compatible ``http`` endpoint). Answers are read with
 :func:`finemed_ray.eval.extract.extract_answer` (from the ``## Summarization`` part of a reasoning reply), then by
 the one option text the answer states (:func:`finemed_ray.eval.generative.match_option`); an unextractable
-answer is wrong and counted.
+answer is wrong and counted, and so is every reply the token budget (``engine.max_tokens``) cut off.
+
+``benchmarks[].few_shot`` puts ``k`` worked examples from a dev split before every question of that benchmark
+(:func:`few_shot_examples`; drawn once, with a fixed seed, never one of the evaluated questions).
 
 ``scoring.method=loglik`` picks the option with the highest log-likelihood instead (small models that cannot follow
 an answer format), on the transformers engine.
@@ -22,27 +25,50 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from finemed_ray import storage
-from finemed_ray.errors import FinemedError
+from finemed_ray.errors import DataError, FinemedError
 from finemed_ray.eval.benchmarks import BenchmarkSet, MCQItem, load_benchmarks
 from finemed_ray.eval.config import EvalJobConfig
+from finemed_ray.eval.report import load_baselines
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ rows
-def item_messages(item: MCQItem, cfg: dict) -> list[dict[str, str]]:
+def item_messages(item: MCQItem, cfg: dict, examples: Sequence[MCQItem] = ()) -> list[dict[str, str]]:
+    """The chat messages for ``item``: system prompt, the few-shot ``examples`` as turns, then the question."""
     from finemed_ray.eval.prompting import build_messages
 
-    mode, system = cfg["prompt"]["mode"], cfg["prompt"]["system_prompt"]
-    if mode == "question":
-        return ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": item.question}]
-    return build_messages(item, mode=mode, system_prompt=system)
+    scoring = cfg["scoring"]
+    # Log-likelihood scores a fixed continuation: the examples answer in that same form.
+    continuation = scoring["continuation"] if scoring["method"] == "loglik" else None
+    return build_messages(item, mode=cfg["prompt"]["mode"], system_prompt=cfg["prompt"]["system_prompt"],
+                          examples=examples, continuation=continuation)
+
+
+def few_shot_examples(specs: Sequence[Any], sets: dict[str, BenchmarkSet]) -> dict[str, list[MCQItem]]:
+    """benchmark -> its worked examples: ``few_shot.k`` items of the spec's dev split (``few_shot.split_path``),
+    drawn with ``few_shot.seed``, none of them a question of the evaluated set. Benchmarks with k = 0 get []."""
+    from finemed_ray.eval.benchmarks import load_benchmark
+    from finemed_ray.eval.prompting import draw_examples
+
+    out: dict[str, list[MCQItem]] = {}
+    for spec in specs:
+        shots = getattr(spec, "few_shot", None)
+        if shots is None or shots.k == 0:
+            out[spec.name] = []
+            continue
+        dev = load_benchmark(f"{spec.name}/dev", shots.split_path, kind=spec.kind)
+        try:
+            out[spec.name] = draw_examples(dev.items, shots.k, shots.seed, exclude=sets[spec.name].items)
+        except DataError as exc:
+            raise DataError(f"benchmark {spec.name!r}: {exc} ({shots.split_path})") from None
+    return out
 
 
 # Fields a benchmark row may carry that group its items for the report (MMLU-Pro `category`, MedMCQA
@@ -59,13 +85,15 @@ def item_category(item: MCQItem) -> str:
     return ""
 
 
-def item_rows(sets: dict[str, BenchmarkSet], cfg: dict) -> list[dict[str, Any]]:
+def item_rows(sets: dict[str, BenchmarkSet], cfg: dict,
+              examples: dict[str, list[MCQItem]] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, bset in sets.items():
+        shots = (examples or {}).get(name, [])
         for item in bset:
             rows.append({"key": f"{name}:{item.id}", "benchmark": name, "id": item.id, "gold": item.answer,
                          "question": item.question, "options": json.dumps(item.options, ensure_ascii=False),
-                         "kind": item.kind, "messages": item_messages(item, cfg),
+                         "kind": item.kind, "messages": item_messages(item, cfg, shots),
                          "n_options": len(item.options), "category": item_category(item)})
     return rows
 
@@ -81,11 +109,22 @@ def _item(row: dict) -> MCQItem:
                    benchmark=row["benchmark"], kind=row["kind"], extra={})
 
 
-def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **extra: Any) -> dict[str, Any]:
+def cut_off(text: str | None, completion_tokens: int | None, max_tokens: int) -> bool | None:
+    """Whether the token budget ended the reply (what vLLM and OpenAI report as finish_reason "length"): the
+    engines record the tokens generated, not why generation stopped, so a reply that used the whole budget counts
+    as cut off. None when nothing was generated (an error) or the count is unknown."""
+    if text is None or completion_tokens is None:
+        return None
+    return int(completion_tokens) >= max_tokens
+
+
+def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, *, max_tokens: int,
+                completion_tokens: int | None = None, **extra: Any) -> dict[str, Any]:
     from finemed_ray.eval.extract import extract_answer
     from finemed_ray.eval.generative import final_answer, match_option
 
     options = json.loads(row["options"])
+    truncated = cut_off(text, completion_tokens, max_tokens)
     if text is None:
         pred, method = None, "error"
     else:
@@ -93,7 +132,7 @@ def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **ext
         # may name ruled-out options. No conclusion = no answer. A conclusion that states one option's text in a
         # sentence ("Metformin is used to treat type 2 diabetes.": a model trained to answer in sentences) is read
         # by that text; free prose is not (there, an option's text is often mentioned without being chosen).
-        answer, form = final_answer(text, cut_off=False)
+        answer, form = final_answer(text, cut_off=bool(truncated))
         if answer is None:
             pred, method = None, form
         else:
@@ -104,7 +143,7 @@ def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, **ext
                 method = "stated_option_text" if pred else "none"
     return {"benchmark": row["benchmark"], "id": row["id"], "gold": row["gold"], "pred": pred,
             "raw": text if text is not None else f"<error: {error}>", "method": method, "ttt": ttt,
-            **_item_fields(row), **extra}
+            "completion_tokens": completion_tokens, "cut_off": truncated, **_item_fields(row), **extra}
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -149,7 +188,8 @@ class EvalWorker:
         from finemed_ray.ttt.adapt import adapt_lora
 
         t0 = time.time()
-        neighbours, distances = self.index.neighbours([r["question"] for r in rows], self.adapt_cfg.k, self.encoder)
+        neighbours, distances = self.index.neighbours([r["question"] for r in rows], self.adapt_cfg.k, self.encoder,
+                                                      **self.adapt_cfg.retrieval_kwargs())
         t_retrieve = time.time() - t0
         res = adapt_lora(self.model, self.tokenizer, [r["key"] for r in rows], neighbours, self.adapt_cfg)
         info = [{"ttt_neighbours": [n.get("id") for n in nb], "ttt_distances": [round(float(d), 5) for d in dist],
@@ -166,7 +206,8 @@ class EvalWorker:
         """The paper's variant: one question at a time, all weights updated, then restored bit for bit."""
         from finemed_ray.ttt.adapt import full_update
 
-        neighbours, distances = self.index.neighbours([r["question"] for r in rows], self.adapt_cfg.k, self.encoder)
+        neighbours, distances = self.index.neighbours([r["question"] for r in rows], self.adapt_cfg.k, self.encoder,
+                                                      **self.adapt_cfg.retrieval_kwargs())
         preds, info = [], []
         for row, nb, dist in zip(rows, neighbours, distances):
             with full_update(self.model, self.tokenizer, nb, self.adapt_cfg) as res:
@@ -205,8 +246,9 @@ class EvalWorker:
     def _generate(self, rows: list[dict], lora) -> list[dict]:
         requests = [{"key": r["key"], "messages": r["messages"], "adapter": q} for q, r in enumerate(rows)]
         results = self.teacher.generate(requests, lora=lora)
-        return [_prediction(r, res["text"], res["error"], self.ttt, completion_tokens=res["completion_tokens"])
-                for r, res in zip(rows, results)]
+        max_tokens = self.cfg["engine"]["max_tokens"]
+        return [_prediction(r, res["text"], res["error"], self.ttt, max_tokens=max_tokens,
+                            completion_tokens=res["completion_tokens"]) for r, res in zip(rows, results)]
 
 
 PRED_KEYS = ("benchmark", "id", "gold", "pred", "raw", "method", "ttt")
@@ -231,8 +273,8 @@ class Evaluation:
 
             teacher = make_teacher(TeacherSpec(**engine.model_dump()))
             answered = teacher.map_dataset(ds).take_all()
-            return [_prediction(r, r["text"], r["error"], False, completion_tokens=r.get("completion_tokens"))
-                    for r in answered]
+            return [_prediction(r, r["text"], r["error"], False, max_tokens=engine.max_tokens,
+                                completion_tokens=r.get("completion_tokens")) for r in answered]
         num_cpus = float((engine.extra or {}).get("num_cpus", 1.0))
         out = ds.map_batches(
             EvalWorker, fn_constructor_kwargs={"cfg": self.cfg_dict, "ttt": ttt}, batch_format="pyarrow",
@@ -248,8 +290,11 @@ class Evaluation:
         from finemed_ray.eval.report import write_report
 
         t0 = time.time()
+        # Read the published figures first: a bad file must fail before hours of inference, not after.
+        published = load_baselines(self.cfg.baselines) if self.cfg.baselines else None
         sets = self.load()
-        rows = item_rows(sets, self.cfg_dict)
+        examples = few_shot_examples(self.cfg.benchmarks, sets)
+        rows = item_rows(sets, self.cfg_dict, examples)
         timings: dict[str, float] = {}
         predictions: list[dict] = []
         settings = ([False] if not self.cfg.ttt.enabled else ([False, True] if self.cfg.ttt.compare else [True]))
@@ -257,15 +302,37 @@ class Evaluation:
             t = time.time()
             predictions += self.predict(rows, ttt)
             timings["ttt" if ttt else "no_ttt"] = round(time.time() - t, 2)
+        engine = self.cfg.engine
         meta = {
-            "name": self.cfg.name, "engine": {"backend": self.cfg.engine.backend, "model": self.cfg.engine.model},
+            "name": self.cfg.name,
+            "engine": {"backend": engine.backend, "model": engine.model, "max_tokens": engine.max_tokens,
+                       "temperature": engine.temperature, "batch_size": engine.batch_size},
             "scoring": self.cfg_dict["scoring"], "prompt": self.cfg_dict["prompt"],
             "ttt": self.cfg_dict["ttt"] if self.cfg.ttt.enabled else None, "seconds": timings,
             "skipped": {name: [{"line": l, "id": i, "reason": r} for l, i, r in s.skipped] for name, s in sets.items()},
-            "items": {name: len(s) for name, s in sets.items()}, "total_seconds": round(time.time() - t0, 2),
+            "items": {name: len(s) for name, s in sets.items()},
+            # valid rows in each file before `limit` (lm-eval's n-samples "original") and the dataset read
+            "rows": {name: s.total_rows - len(s.skipped) for name, s in sets.items()},
+            "paths": {b.name: b.path for b in self.cfg.benchmarks},
+            "few_shot": {b.name: {**b.few_shot.model_dump(), "example_ids": [e.id for e in examples[b.name]]}
+                         for b in self.cfg.benchmarks},
+            "date": t0, "git_hash": git_hash(), "total_seconds": round(time.time() - t0, 2),
         }
         baseline = self.cfg.output.baseline
         if baseline and not baseline.endswith(".json"):
             baseline = storage.join(baseline, "report.json")
-        report = write_report(self.cfg.output.path, predictions, baseline=baseline, meta=meta)
+        report = write_report(self.cfg.output.path, predictions, baseline=baseline, meta=meta, published=published)
         return report
+
+
+def git_hash() -> str | None:
+    """The short commit of the code that ran (as lm-eval records it), or None outside a git checkout."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
