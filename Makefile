@@ -57,5 +57,20 @@ s3: install
 s3-sample: install
 	$(PY) -m finemed_ray.storage serve-s3 --port 9000 --bucket finemed-demo --sample
 
+# Benchmarks (bench/README.md): each writes bench/results/<name>_<device>.json, one at a time; hours on a 2-core CPU
+# machine. `make bench BENCHES="ttt serve"` runs some of them. Either way it ends by regenerating bench/RESULTS.md.
+BENCHES ?= sft_throughput train_overhead packing_throughput streaming_rss synthesis ttt ttt_lm_head ttt_shape_creep \
+	cpu_linear serve
+.PHONY: bench bench-table
+
+bench: install
+	@failed=""; for b in $(BENCHES); do echo "== python -m bench.$$b"; $(PY) -m bench.$$b || failed="$$failed $$b"; done; \
+	$(PY) -m bench.results_table; \
+	if [ -n "$$failed" ]; then echo "bench failed:$$failed"; exit 1; fi
+
+# bench/RESULTS.md from bench/results/*.json only (standard library: works before `make install` too).
+bench-table:
+	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.results_table
+
 clean:
 	rm -rf $(VENV) build *.egg-info

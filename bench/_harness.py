@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks in ``bench/`` (not a benchmark itself).
 
 * :func:`setup_env` / :func:`host_info`: the offline, quiet environment and the machine description every result
-  JSON carries.
+  JSON carries, including :func:`provenance` (the command, git commit, machine and date of the run), which
+  ``bench/results_table.py`` prints next to each figure in ``bench/RESULTS.md``.
 * :class:`Monitor`: a background sampler of the machine while a benchmark runs. It records the load average at
   start and end, the CPU seconds used by *our* process tree (this driver and its descendants: the local Ray
   cluster, its workers) versus everything else on the machine (other people's jobs), and, optionally, the memory
@@ -20,7 +21,10 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -62,6 +66,35 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0).replace(" ", "_") if torch.cuda.is_available() else "cpu"
 
 
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def provenance(device: str | None = None, cpu_model: str | None = None) -> dict[str, Any]:
+    """Where a result comes from: ``command`` (as typed, interpreter shortened to its name), ``commit`` (HEAD of
+    this checkout; ``worktree_dirty``: tracked files outside bench/results/ differed from it, so the code measured
+    is HEAD plus local changes), ``machine`` (accelerator, CPU model, core count) and ``date`` (UTC, when the run
+    recorded it). A field that cannot be found is None, never guessed."""
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    if argv:
+        argv[0] = os.path.basename(argv[0])
+    head = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    cpus = os.cpu_count()
+    machine = ", ".join(str(x) for x in (device, cpu_model, f"{cpus} CPUs" if cpus else None) if x)
+    return {
+        "command": shlex.join(argv) if argv else None,
+        "commit": head.strip() if head else None,
+        "worktree_dirty": bool(status.strip()) if status is not None else None,
+        "machine": machine or None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def host_info() -> dict[str, Any]:
     import ray
     import torch
@@ -82,8 +115,10 @@ def host_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    device = device_name()
     return {
-        "device": device_name(),
+        "provenance": provenance(device, cpu_model),
+        "device": device,
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model,
         "platform": platform.platform(),
