@@ -88,3 +88,51 @@ def test_bad_config_fails_the_submitted_job(ray_head):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert "train.learning_rat: unknown key" in out
+
+
+@pytest.mark.slow  # ~3.5 min: two submissions
+def test_stopped_job_resubmitted_resumes_from_its_checkpoint(ray_head, tiny_model_s3, s3_prefix):
+    """`ray job stop` mid-run, then the same command again: the run resumes from its last checkpoint and every
+    epoch still holds each row exactly once (0 lost, 0 duplicated)."""
+    n_rows, epochs = 32, 4  # 2 workers x 16 rows, batch 4 -> 4 steps per epoch, 16 steps
+    data = f"{s3_prefix}/sft.jsonl"
+    write_jsonl(sample_sft_rows(n=n_rows, seed=2), data)
+    run_uri = f"{s3_prefix}/runs/stopped"
+    args = ["--config", "configs/sft_tiny.yaml", f"model.path={tiny_model_s3}", f"data.path={data}",
+            f"run.storage_path={s3_prefix}/runs", "run.name=stopped", f"output.export_path={s3_prefix}/export",
+            f"train.epochs={epochs}", "train.save_steps=2", "train.save_total_limit=null", "train.report_to=[]",
+            "data.eval_fraction=0"]
+    ray = [str(BIN / "ray"), "job"]
+    first = f"stop-{os.getpid()}-{time.time_ns()}"
+    subprocess.run([*ray, "submit", "--address", ray_head["url"], "--working-dir", str(ROOT), "--no-wait",
+                    "--submission-id", first, "--", "python", "-m", "jobs.sft", *args],
+                   env=ray_head["env"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
+    from finemed_ray.train.sft import RAY_CHECKPOINT_STATE_FILE
+
+    state = storage.join(run_uri, RAY_CHECKPOINT_STATE_FILE)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if storage.exists(state) and "checkpoint_" in storage.read_text(state):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the first submission never registered a checkpoint")
+    stop = subprocess.run([*ray, "stop", "--address", ray_head["url"], first], env=ray_head["env"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    status = subprocess.run([*ray, "status", "--address", ray_head["url"], first], env=ray_head["env"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "was stopped" in status.stdout + status.stderr, stop.stdout + stop.stderr + status.stdout + status.stderr
+    assert not storage.exists(f"{run_uri}/summary.json")  # the stop hit a run still in progress
+
+    res = submit(ray_head, *args)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    summary = storage.read_json(f"{run_uri}/summary.json")
+    assert summary["resumed_from_step"] is not None and 0 < summary["resumed_from_step"] < 16
+    assert summary["global_step"] == 16
+    seen = storage.read_json(f"{run_uri}/samples_seen.json")["per_rank"]
+    rows_per_worker = n_rows // 2
+    all_ids = sorted(r["id"] for r in sample_sft_rows(n=n_rows, seed=2))
+    for epoch in range(epochs):
+        ids = [i for rank in seen for i in rank[epoch * rows_per_worker:(epoch + 1) * rows_per_worker]]
+        assert sorted(ids) == all_ids, f"epoch {epoch}: rows lost or duplicated across the stop"

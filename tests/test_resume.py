@@ -73,17 +73,61 @@ def checkpoint_registered(cfg) -> bool:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles its actor processes 'ray::RayTrainWorker...'). Any on the
-    machine: run this test alone (another job's worker would be the wrong target; the state API, which could tell
-    them apart, timed out under load here)."""
+    """PIDs of this test session's live Ray Train workers: processes titled 'ray::RayTrainWorker...' that descend
+    from this pytest process. ``ray.init(address="local")`` (the ``ray_cluster`` fixture) starts the raylet as our
+    child and the raylet forks the workers, so another job's or another session's workers are never picked. (The
+    state API could tell runs apart too, but it timed out on this machine under load.)"""
     import psutil
 
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(p.info["pid"])
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                pids.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return pids
+
+
+def kill_one_worker_after_a_checkpoint(cfg, thread: threading.Thread) -> int:
+    """Once a checkpoint of ``cfg``'s run is registered, SIGKILL one of its two workers; return its PID after
+    checking that it is really gone (the fault happened)."""
+    deadline = time.time() + 300
+    killed = None
+    while time.time() < deadline and thread.is_alive():
+        if checkpoint_registered(cfg):  # a checkpoint is on S3 and Ray has registered it: kill mid-run
+            pids = train_worker_pids()
+            if len(pids) == 2:
+                killed = sorted(pids)[-1]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.2)
+    assert killed, "never found a checkpoint and two live training workers of this run to kill"
+    for _ in range(50):  # the process is gone (a zombie until Ray reaps it counts as gone)
+        try:
+            with open(f"/proc/{killed}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"worker {killed} still alive after SIGKILL")
+    return killed
+
+
+def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = run(cfg)
+        except BaseException as e:  # surfaced by the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
 
 
 def test_reference_run_sees_every_row_once_per_epoch(reference, setup):
@@ -103,37 +147,8 @@ def test_reference_run_sees_every_row_once_per_epoch(reference, setup):
 
 def test_killed_worker_restarts_from_checkpoint_with_the_same_samples(reference, setup):
     cfg = config(setup, "killed", "run.max_failures=2", "train.packing=true")  # packed, same samples
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = run(cfg)
-        except BaseException as e:  # surfaced below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    deadline = time.time() + 300
-    killed = None
-    while time.time() < deadline and thread.is_alive():
-        if checkpoint_registered(cfg):  # a checkpoint is on S3 and Ray has registered it: kill mid-run
-            pids = train_worker_pids()
-            if len(pids) == 2:
-                killed = sorted(pids)[-1]
-                os.kill(killed, signal.SIGKILL)
-                break
-        time.sleep(0.2)
-    assert killed, "never found a checkpoint and two live training workers of this run to kill"
-    for _ in range(50):  # the fault happened: the process is gone (a zombie until Ray reaps it counts as gone)
-        try:
-            with open(f"/proc/{killed}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":
-                    break
-        except FileNotFoundError:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"worker {killed} still alive after SIGKILL")
+    thread, outcome = run_in_thread(cfg)
+    kill_one_worker_after_a_checkpoint(cfg, thread)
     thread.join(timeout=600)
     assert not thread.is_alive()
     if "error" in outcome:
@@ -144,6 +159,20 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_samples(reference,
     assert meta["global_step"] == plan.max_steps
     # Exactly the samples, per worker and in order, of the run that was never killed: none repeated or skipped.
     assert outcome["result"]["seen"] == reference["seen"]
+
+
+def test_a_kill_with_no_restarts_left_ends_with_a_clear_error(setup):
+    cfg = config(setup, "no-restarts", "run.max_failures=0")
+    thread, outcome = run_in_thread(cfg)
+    killed = kill_one_worker_after_a_checkpoint(cfg, thread)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, FinemedError), f"expected the run to fail after worker {killed} died, got {outcome}"
+    message = str(error)
+    assert "run no-restarts failed after run.max_failures=0 restarts" in message
+    assert "Traceback" not in message and len(message.splitlines()) <= 3  # the cause in a line, not a dump
+    assert not storage.exists(storage.join(cfg.output.export_path, "finemed_export.json"))  # nothing half-exported
 
 
 def test_same_run_name_resumes_where_it_stopped(reference, setup):
@@ -173,16 +202,7 @@ def test_s3_outage_mid_run_is_waited_out_with_the_same_samples(reference, setup,
     """A 10 s S3 outage once the first checkpoint is registered: checkpoint uploads, the export and the run's own
     writes retry (``FINEMED_S3_RETRY_WINDOW_S``) instead of failing, so the run neither restarts nor loses a row."""
     cfg = config(setup, "outage", "run.max_failures=0")  # a failure would end the run: retries must carry it
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = run(cfg)
-        except BaseException as e:  # surfaced below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, outcome = run_in_thread(cfg)
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive() and not checkpoint_registered(cfg):
         time.sleep(0.2)
