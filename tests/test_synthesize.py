@@ -216,3 +216,45 @@ def test_teacher_down_fails_clearly_and_keeps_finished_work(ray_cluster, s3):
     cfg = synth_config(prefix, "http://127.0.0.1:9/v1")  # nothing listens on port 9
     with pytest.raises(FinemedError, match="127.0.0.1:9"):
         SynthesisPipeline(cfg).run()
+
+
+def test_s3_outage_mid_run_is_waited_out_with_the_same_outputs(first_run, server, s3_outage):
+    """A 10 s S3 outage while the pipeline runs (reads, cache and step writes retry within
+    FINEMED_S3_RETRY_WINDOW_S): the run finishes with exactly the rows of an uninterrupted run."""
+    import threading
+
+    prefix = "s3://finemed-test/synth-outage"
+    storage.write_text(f"{prefix}/seeds.jsonl", "\n".join(seed_rows()) + "\n")
+    cfg = synth_config(prefix, server.base_url)
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["manifest"] = SynthesisPipeline(cfg).run()
+        except BaseException as e:  # surfaced below
+            outcome["error"] = e
+
+    before = server.request_count
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive() and server.request_count - before < 10:
+        time.sleep(0.1)
+    assert thread.is_alive(), "the run ended before the outage could start"
+    s3_outage.start(10.0)
+    s3_outage.wait()
+    assert s3_outage.blocked
+    alive_after_outage = thread.is_alive()
+    thread.join(timeout=600)
+    if "error" in outcome:
+        raise outcome["error"]
+    assert alive_after_outage, "the run finished during the outage: it cannot have needed S3 (nothing tested)"
+    manifest = outcome["manifest"]
+
+    def rows(uri: str) -> list[str]:  # `source` is the input path, which differs between the two runs
+        return sorted(json.dumps({k: v for k, v in r.items() if k != "source"}, sort_keys=True)
+                      for r in read_output(uri))
+
+    for name in ("sft", "reasoning", "dpo"):
+        assert rows(manifest["outputs"][name]["uri"]) == rows(first_run["manifest"]["outputs"][name]["uri"]), name
+    assert manifest["outputs"]["quarantine"]["rows"] == first_run["manifest"]["outputs"]["quarantine"]["rows"]
