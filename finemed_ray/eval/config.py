@@ -93,6 +93,10 @@ class EvalRaySection(StrictModel):
     local_num_cpus: int = Field(4, ge=2, description="Logical CPUs of a local cluster.")
 
 
+# SamplingParams that the TTT path on vLLM (serving's engine: finemed_ray.serving.engines.GenRequest) passes on.
+VLLM_TTT_SAMPLING = frozenset({"top_p", "seed", "stop"})
+
+
 class EvalJobConfig(StrictModel):
     name: str = Field(description="Run name (in the report).")
     engine: TeacherConfig = Field(
@@ -116,10 +120,17 @@ class EvalJobConfig(StrictModel):
         if self.scoring.method == "loglik" and self.engine.backend != "hf":
             raise ValueError(f"scoring.method=loglik needs engine.backend=hf (token log-probabilities of every "
                              f"option); got {self.engine.backend!r}")
-        if self.ttt.enabled and self.engine.backend != "hf":
-            raise ValueError(f"ttt.enabled: the evaluation job adapts and answers on the transformers engine "
-                             f"(engine.backend=hf), got {self.engine.backend!r}; TTT on vLLM (LoRARequest) is "
-                             f"served by the Serve app (finemed_ray/serving)")
+        if self.ttt.enabled and self.engine.backend == "http":
+            raise ValueError("ttt.enabled: an http endpoint cannot take this job's adapters; use engine.backend=hf "
+                             "(transformers) or vllm (adapters trained with torch, answered through LoRARequest)")
+        if self.ttt.enabled and self.engine.backend == "vllm":
+            if self.ttt.adapt.method != "lora":
+                raise ValueError(f"ttt.adapt.method={self.ttt.adapt.method!r} updates the base weights; on "
+                                 f"engine.backend=vllm only lora (one adapter per question, LoRARequest) is possible")
+            unknown = sorted(set(self.engine.extra.get("sampling_params") or {}) - VLLM_TTT_SAMPLING)
+            if unknown:
+                raise ValueError(f"engine.extra.sampling_params: {unknown} not supported with TTT on vLLM "
+                                 f"(supported: {sorted(VLLM_TTT_SAMPLING)})")
         names = [b.name for b in self.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"benchmarks: duplicate names {sorted(n for n in set(names) if names.count(n) > 1)}")

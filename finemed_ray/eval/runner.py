@@ -18,12 +18,18 @@ With ``ttt.enabled`` each Ray Data batch of questions is embedded, its neighbour
 (:mod:`finemed_ray.ttt.adapt`), and the questions are answered through their own adapters. The base weights are
 never written (``ttt.verify_base`` hashes them around every batch). ``ttt.compare`` also runs the plain model,
 so the report has both columns and the delta.
+
+TTT runs on the transformers engine (:class:`EvalWorker`: adapters applied through hooks) or, with
+``engine.backend=vllm``, on serving's path (:class:`VLLMTTTWorker`): the adapters are trained with torch on a
+transformers copy of the base and the whole batch is answered in one vLLM call, each question through its own
+``LoRARequest``; there the no-TTT column comes from the same engine, in the same batches.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -148,7 +154,8 @@ def _prediction(row: dict, text: str | None, error: str | None, ttt: bool, *, ma
 
 # ------------------------------------------------------------------------------------------------ workers
 class EvalWorker:
-    """Ray Data actor on the transformers engine: log-likelihood scoring and/or TTT (one adapter per question)."""
+    """Ray Data actor on the transformers engine: log-likelihood scoring and/or TTT (one adapter per question).
+    TTT on vLLM: :class:`VLLMTTTWorker`."""
 
     def __init__(self, cfg: dict, ttt: bool):
         from finemed_ray.synth.teachers import TeacherSpec, make_teacher
@@ -180,9 +187,7 @@ class EvalWorker:
             preds = self._answer(rows, lora)
         if before is not None and self._digest() != before:
             raise FinemedError("TTT changed the base model's weights (ttt.verify_base): this is a bug")
-        out = [{**p, **i} for p, i in zip(preds, info)]
-        return pa.Table.from_pylist([{**o, "extra": json.dumps({k: v for k, v in o.items() if k not in PRED_KEYS},
-                                                               default=str)} for o in out])
+        return _pred_table([{**p, **i} for p, i in zip(preds, info)])
 
     def _adapt(self, rows: list[dict]):
         from finemed_ray.ttt.adapt import adapt_lora
@@ -254,6 +259,161 @@ class EvalWorker:
 PRED_KEYS = ("benchmark", "id", "gold", "pred", "raw", "method", "ttt")
 
 
+def _pred_table(out: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{**{k: o[k] for k in PRED_KEYS}, "extra": json.dumps(
+        {k: v for k, v in o.items() if k not in PRED_KEYS}, default=str)} for o in out])
+
+
+class VLLMTTTWorker:
+    """Ray Data actor for TTT on vLLM (``engine.backend=vllm``), the path serving takes.
+
+    Per batch of questions: the neighbours are retrieved as in :class:`EvalWorker`, one LoRA adapter per question is
+    trained on this actor's transformers copy of the base (serving's
+    :func:`finemed_ray.serving.ttt_service.train_adapter_payloads`, same keys and seeds as the transformers path),
+    and the whole batch is answered in one call to serving's :class:`finemed_ray.serving.engines.VLLMEngine`, each
+    question through its own ``LoRARequest`` (a peft directory on local disk; ``max_loras`` = batch + 1, so one LoRA
+    slot stays free: the vLLM CPU bug in ENVIRONMENT.md). With ``plain`` the same call also answers every question
+    without an adapter: the no-TTT column, from the same engine and the same batches.
+
+    ``ttt.verify_base``: the training copy is hashed around every batch, and (greedy decoding) the batch is also
+    answered without adapters before training and after the TTT call; those answers and the plain answers given
+    beside the adapters must be identical, or the batch fails. On a GPU the training copy sits on the engine's GPU:
+    vLLM gets ``gpu_memory_utilization`` 0.5 unless ``engine.extra.engine_kwargs`` sets it."""
+
+    def __init__(self, cfg: dict, device: str, plain: bool):
+        from finemed_ray.models.loading import resolve_model_path
+        from finemed_ray.serving.engines import VLLMEngine
+        from finemed_ray.serving.ttt_service import load_trainer
+        from finemed_ray.synth.teachers import TeacherSpec, _LoopThread
+        from finemed_ray.ttt.adapt import TTTConfig
+        from finemed_ray.ttt.index import load_index_and_encoder
+
+        self.cfg = cfg
+        self.plain = plain
+        self.spec = TeacherSpec(**cfg["engine"])
+        opts = self.spec.parsed_extra()
+        self.sampling = dict(opts.sampling_params)
+        self.adapt_cfg = TTTConfig(**cfg["ttt"]["adapt"])
+        engine_kwargs = dict(opts.engine_kwargs)
+        dtype = engine_kwargs.pop("dtype", "auto")
+        max_model_len = engine_kwargs.pop("max_model_len", 2048)
+        local = resolve_model_path(self.spec.model)  # s3:// -> one local copy for both the trainer and vLLM
+        # The adapters train on a copy in the engine's dtype (float32 for "auto", as serving's TTT trainer).
+        self.model, self.tokenizer = load_trainer(local, dtype if dtype in ("float32", "bfloat16", "float16")
+                                                  else "float32")
+        if device == "gpu":
+            import torch
+
+            if torch.cuda.is_available():
+                self.model.to("cuda")
+            engine_kwargs.setdefault("gpu_memory_utilization", 0.5)
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{opts.cpu_kvcache_gib:g}")
+        self.index, self.encoder = load_index_and_encoder(cfg["ttt"]["index"])
+        self.loop = _LoopThread()  # AsyncLLM lives on one event loop; this synchronous actor runs it on a thread
+
+        async def start() -> VLLMEngine:
+            return VLLMEngine(local, dtype=dtype, max_model_len=max_model_len, device=device,
+                              enable_lora=True, adapters_in_flight=self.adapt_cfg.batch_questions,
+                              max_lora_rank=self.adapt_cfg.r, engine_kwargs=engine_kwargs)
+
+        self.engine = self.loop.run(start())
+        self.batches = 0
+
+    def _requests(self, rows: list[dict], adapters: list[dict | None], tag: str) -> list:
+        from finemed_ray.serving.engines import GenRequest
+
+        s = self.sampling
+        return [GenRequest(request_id=f"{tag}-{self.batches}-{i}-{r['key']}", messages=r["messages"],
+                           max_tokens=self.spec.max_tokens, temperature=self.spec.temperature,
+                           top_p=s.get("top_p", 1.0), seed=s.get("seed"), stop=list(s.get("stop") or []),
+                           adapter=a) for i, (r, a) in enumerate(zip(rows, adapters))]
+
+    def _generate(self, reqs: list) -> list:
+        """One engine call for all of ``reqs``; a request that fails is an error row, not a failed batch."""
+        return self.loop.run(self.engine.generate_batch(reqs, return_exceptions=True))
+
+    def _adapter_id(self, row: dict, neighbours: list[dict]) -> str:
+        import hashlib
+
+        blob = json.dumps({"key": row["key"], "ids": [n.get("id") for n in neighbours],
+                           "cfg": self.adapt_cfg.model_dump(mode="json")}, sort_keys=True, default=str)
+        return "ttt-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from finemed_ray.serving.ttt_service import train_adapter_payloads
+        from finemed_ray.ttt.adapt import weights_digest
+
+        rows = batch.to_pylist()
+        n = len(rows)
+        self.batches += 1
+        verify = self.cfg["ttt"]["verify_base"]
+        digest = weights_digest(self.model) if verify else None
+        compare_answers = verify and self.spec.temperature == 0  # sampled answers differ run to run anyway
+        t0 = time.time()
+        neighbours, distances = self.index.neighbours([r["question"] for r in rows], self.adapt_cfg.k, self.encoder,
+                                                      **self.adapt_cfg.retrieval_kwargs())
+        t_retrieve = time.time() - t0
+        before = self._generate(self._requests(rows, [None] * n, "base-before")) if compare_answers else None
+        t1 = time.time()
+        payloads, res = train_adapter_payloads(
+            self.model, self.tokenizer, [r["key"] for r in rows], neighbours, self.adapt_cfg,
+            [self._adapter_id(r, nb) for r, nb in zip(rows, neighbours)], base_model_name=self.spec.model)
+        t_train = time.time() - t1
+        with_plain = self.plain or compare_answers
+        t2 = time.time()
+        results = self._generate(self._requests(rows, payloads, "ttt")
+                                 + (self._requests(rows, [None] * n, "plain") if with_plain else []))
+        t_generate = time.time() - t2
+        ttt_res, plain_res = results[:n], results[n:]
+        after = self._generate(self._requests(rows, [None] * n, "base-after")) if compare_answers else None
+        if digest is not None and weights_digest(self.model) != digest:
+            raise FinemedError("TTT changed the weights of the training copy (ttt.verify_base): this is a bug")
+        if compare_answers:
+            texts = [[_text(x) for x in got] for got in (before, plain_res, after)]
+            bad = [rows[i]["key"] for i in range(n) if len({t[i] for t in texts}) != 1]
+            if bad:
+                raise FinemedError(f"vLLM answered {bad} differently without an adapter before TTT, beside the "
+                                   f"adapters, and after (ttt.verify_base): the adapters leaked into plain requests")
+
+        max_tokens = self.spec.max_tokens
+        out = []
+        for q, (row, r) in enumerate(zip(rows, ttt_res)):
+            info = {"ttt_neighbours": [x.get("id") for x in neighbours[q]],
+                    "ttt_distances": [round(float(d), 5) for d in distances[q]],
+                    "ttt_retrieve_s": round(t_retrieve / n, 4), "ttt_train_s": round(t_train / n, 4),
+                    "ttt_generate_s": round(t_generate / n, 4), "ttt_batch": n,
+                    "ttt_loss_first": res.losses[0] if res.losses else None,
+                    "ttt_loss_last": res.losses[-1] if res.losses else None,
+                    "ttt_engine": "vllm", "ttt_adapter": payloads[q]["id"]}
+            out.append(_result_prediction(row, r, True, max_tokens, info))
+        if self.plain:
+            for q, (row, r) in enumerate(zip(rows, plain_res)):
+                info = ({"vllm_base_before": _text(before[q]), "vllm_base_after": _text(after[q])}
+                        if before is not None else {})
+                out.append(_result_prediction(row, r, False, max_tokens, info))
+        return _pred_table(out)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+            self.loop.close(wait=False)
+
+
+def _text(result: Any) -> str | None:
+    return None if isinstance(result, BaseException) else result.text
+
+
+def _result_prediction(row: dict, result: Any, ttt: bool, max_tokens: int, info: dict) -> dict:
+    """A :class:`finemed_ray.serving.engines.GenResult` (or the exception of its request) -> a prediction row."""
+    if isinstance(result, BaseException):
+        return {**_prediction(row, None, f"vllm: {type(result).__name__}: {result}", ttt, max_tokens=max_tokens),
+                **info}
+    return {**_prediction(row, result.text, None, ttt, max_tokens=max_tokens,
+                          completion_tokens=result.completion_tokens), **info}
+
+
 # ------------------------------------------------------------------------------------------------ the job
 class Evaluation:
     def __init__(self, cfg: EvalJobConfig):
@@ -263,11 +423,16 @@ class Evaluation:
     def load(self) -> dict[str, BenchmarkSet]:
         return load_benchmarks(self.cfg.benchmarks)
 
-    def predict(self, rows: list[dict], ttt: bool) -> list[dict]:
+    def predict(self, rows: list[dict], ttt: bool, plain: bool = False) -> list[dict]:
+        """Predictions for ``rows`` with or without TTT; on TTT with vLLM, ``plain`` adds the no-TTT ones (same
+        engine, same batches)."""
         import ray.data
 
         ds = ray.data.from_items(rows)
         engine = self.cfg.engine
+        if ttt and engine.backend == "vllm":
+            out = self._vllm_ttt(ds, plain).take_all()
+            return [{**{k: r[k] for k in PRED_KEYS}, **json.loads(r["extra"])} for r in out]
         if not ttt and self.cfg.scoring.method == "generate":
             from finemed_ray.synth.teachers import TeacherSpec, make_teacher
 
@@ -286,6 +451,27 @@ class Evaluation:
             preds.append({**{k: r[k] for k in PRED_KEYS}, **extra})
         return preds
 
+    def _vllm_ttt(self, ds: Any, plain: bool) -> Any:
+        import ray.data
+
+        from finemed_ray.synth.teachers import TeacherSpec, VllmTeacher
+
+        spec = TeacherSpec(**self.cfg.engine.model_dump())
+        opts = spec.parsed_extra()
+        device = VllmTeacher(spec).resolve_device()
+        if device == "gpu":
+            kw = opts.engine_kwargs
+            resources: dict[str, Any] = {"num_gpus": int(kw.get("tensor_parallel_size", 1))
+                                         * int(kw.get("pipeline_parallel_size", 1))}
+        else:
+            resources = {"num_cpus": opts.engine_num_cpus}
+        if opts.runtime_env:
+            resources["runtime_env"] = opts.runtime_env
+        return ds.map_batches(
+            VLLMTTTWorker, fn_constructor_kwargs={"cfg": self.cfg_dict, "device": device, "plain": plain},
+            batch_format="pyarrow", batch_size=self.cfg.ttt.adapt.batch_questions,
+            compute=ray.data.ActorPoolStrategy(size=spec.concurrency), **resources)
+
     def run(self) -> dict[str, Any]:
         from finemed_ray.eval.report import write_report
 
@@ -298,6 +484,12 @@ class Evaluation:
         timings: dict[str, float] = {}
         predictions: list[dict] = []
         settings = ([False] if not self.cfg.ttt.enabled else ([False, True] if self.cfg.ttt.compare else [True]))
+        if self.cfg.ttt.enabled and self.cfg.engine.backend == "vllm":
+            # one engine load: the no-TTT answers come from the TTT workers' engine, in the same batches
+            t = time.time()
+            predictions += self.predict(rows, True, plain=self.cfg.ttt.compare)
+            timings["ttt_and_no_ttt" if self.cfg.ttt.compare else "ttt"] = round(time.time() - t, 2)
+            settings = []
         for ttt in settings:
             t = time.time()
             predictions += self.predict(rows, ttt)

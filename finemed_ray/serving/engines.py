@@ -162,7 +162,8 @@ class VLLMEngine:
             kwargs["enforce_eager"] = True
         if enable_lora:
             # One slot more than we ever use: see the module docstring (vLLM CPU LoRA bug).
-            kwargs.update(enable_lora=True, max_loras=adapters_in_flight + 1, max_lora_rank=max_lora_rank,
+            kwargs.update(enable_lora=True, max_loras=adapters_in_flight + 1,
+                          max_lora_rank=lora_rank_limit(max_lora_rank),
                           max_cpu_loras=max(2 * (adapters_in_flight + 1), 8))
         kwargs.update(engine_kwargs or {})
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
@@ -222,6 +223,11 @@ class VLLMEngine:
                     del self._users[lora.lora_int_id]
                     await self.engine.remove_lora(lora.lora_int_id)
 
+    async def generate_batch(self, reqs: list[GenRequest], return_exceptions: bool = False) -> list[Any]:
+        """All of ``reqs`` submitted at once (vLLM schedules them into shared batches), each with its own adapter or
+        none; results in request order (with ``return_exceptions``, a failed request's exception in its place)."""
+        return list(await asyncio.gather(*(self.generate(r) for r in reqs), return_exceptions=return_exceptions))
+
     async def generate(self, req: GenRequest) -> GenResult:
         final = None
         async for out in self._iterate(req, delta=False):
@@ -243,8 +249,23 @@ class VLLMEngine:
                        "prompt_tokens": n_prompt, "completion_tokens": n_out}
 
     def shutdown(self) -> None:
+        import shutil
+
         with contextlib.suppress(Exception):
             self.engine.shutdown()
+        shutil.rmtree(self.adapter_dir, ignore_errors=True)
+
+
+# vLLM accepts these LoRA ranks only (vllm.config.lora.MaxLoRARanks); a smaller adapter fits a larger slot.
+LORA_RANK_LIMITS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_limit(r: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds rank-``r`` adapters."""
+    for limit in LORA_RANK_LIMITS:
+        if r <= limit:
+            return limit
+    raise ValueError(f"LoRA rank {r}: vLLM supports ranks up to {LORA_RANK_LIMITS[-1]}")
 
 
 def write_peft_adapter(adapter: dict[str, Any], path: str) -> str:

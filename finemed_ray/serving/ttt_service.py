@@ -5,6 +5,11 @@ engine is serving from: an engine only ever *applies* adapters, per request, and
 Concurrent requests are adapted together (``@serve.batch`` in the deployment -> one :func:`adapt_lora` call, one
 adapter per question). Adapters are cached by a hash of (neighbour ids, adaptation settings): the same or a
 similar question that retrieves the same neighbours reuses the adapter without training.
+
+The two steps the evaluation job shares with it (``finemed_ray.eval.runner.VLLMTTTWorker``: TTT evaluation on
+vLLM): :func:`load_trainer` (the transformers copy adapters are trained on) and :func:`train_adapter_payloads`
+(one batched :func:`adapt_lora` pass -> one adapter payload per question, what ``VLLMEngine`` turns into a
+``LoRARequest``).
 """
 
 from __future__ import annotations
@@ -14,19 +19,35 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
-from finemed_ray.ttt.adapt import TTTConfig, adapt_lora
+from finemed_ray.ttt.adapt import AdaptResult, TTTConfig, adapt_lora
+
+
+def load_trainer(model_path: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the transformers copy of the base that adapters are trained on (eval mode; its
+    weights are never written, see :mod:`finemed_ray.ttt.adapt`)."""
+    from finemed_ray.models.loading import load_model, load_tokenizer
+
+    return load_model(model_path, dtype=dtype).eval(), load_tokenizer(model_path)
+
+
+def train_adapter_payloads(model: Any, tokenizer: Any, keys: Sequence[str], neighbours: Sequence[Sequence[dict]],
+                           cfg: TTTConfig, adapter_ids: Sequence[str],
+                           base_model_name: str | None = None) -> tuple[list[dict[str, Any]], AdaptResult]:
+    """One fresh adapter per question, trained together (``keys[q]`` seeds question q's initialisation), returned
+    as payloads (``adapter_ids[q]``; numpy tensors in peft's layout) that an engine applies per request."""
+    res = adapt_lora(model, tokenizer, list(keys), neighbours, cfg)
+    return [res.lora.payload(q, aid, base_model_name=base_model_name) for q, aid in enumerate(adapter_ids)], res
 
 
 class TTTService:
     def __init__(self, model_path: str, index_uri: str, defaults: TTTConfig, cache_size: int = 64):
-        from finemed_ray.models.loading import load_model, load_tokenizer
         from finemed_ray.ttt.index import load_index_and_encoder
 
         self.model_path = model_path
-        self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, dtype="float32").eval()
+        self.model, self.tokenizer = load_trainer(model_path)
         self.index, self.encoder = load_index_and_encoder(index_uri)
         self.defaults = defaults
         self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -72,11 +93,11 @@ class TTTService:
                 uniq = list(OrderedDict((keys[i], i) for i in idx).items())  # same neighbours twice: train once
                 cfg = cfgs[uniq[0][1]]
                 t1 = time.time()
-                res = adapt_lora(self.model, self.tokenizer, [k for k, _ in uniq],
-                                 [neighbours[i][: cfg.k] for _, i in uniq], cfg)
+                payloads, res = train_adapter_payloads(
+                    self.model, self.tokenizer, [k for k, _ in uniq], [neighbours[i][: cfg.k] for _, i in uniq], cfg,
+                    [f"ttt-{k}" for k, _ in uniq], base_model_name=self.model_path)
                 seconds = time.time() - t1
-                for slot, (key, _) in enumerate(uniq):
-                    payload = res.lora.payload(slot, f"ttt-{key}", base_model_name=self.model_path)
+                for (key, _), payload in zip(uniq, payloads):
                     self.misses += 1
                     if self.cache_size:
                         self.cache[key] = payload
