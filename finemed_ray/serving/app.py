@@ -6,9 +6,18 @@
 A TTT request (``extra_body={"ttt": {...}}`` or model ``<id>:ttt``) first gets an adapter from the TTT deployment
 (retrieval + a fresh LoRA, or a cached one for the same neighbour set), then the engine answers through that
 adapter; plain requests go straight to the engine. The response carries ``ttt``: neighbours, distances, training
-time, cache hit. Every client error is a 4xx with OpenAI's error JSON (the body rules: the docstring of
+time, cache hit. Every client error is a 4xx with OpenAI's error JSON (the body and header rules: the docstring of
 ``finemed_ray.serving.protocol``); anything unexpected is a 500 whose body names no internals (the trace goes to the
 replica log).
+
+A replica that dies or becomes unreachable under a request (``RayActorError``: killed, OOM, node lost) is not a 500:
+a call that has sent nothing to the client yet (every non-streaming request; a stream before its first engine event;
+a TTT adaptation) is retried ``Ingress.ENGINE_RETRIES`` times with a short backoff, and Serve routes the retry to a
+live replica (it drops a dead one from its routing on the first ``ActorDiedError``); a response that needed retries
+carries ``X-Engine-Retries: N``. When the retries are spent, or Serve reports the deployment unavailable or
+overloaded, the answer is a 503 with ``Retry-After`` and OpenAI's error JSON (``type: service_unavailable_error``,
+``code: engine_unavailable``). A stream that breaks after its first event cannot be replayed: it ends with that error
+as an in-band ``data:`` event.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (API key when configured),
 ``GET /health`` (liveness: the ingress answers), ``GET /ready`` (readiness: 200 once the engine has answered a 1-token
@@ -19,6 +28,7 @@ replica, tests use fake engine handles.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -124,6 +134,26 @@ def _ttt_deployment():
     return TTTDeployment
 
 
+# ================================================================================================ engine failures
+LOST, UNAVAILABLE = "lost", "unavailable"
+
+
+def engine_failure(exc: BaseException) -> str | None:
+    """How a failed deployment call failed: ``LOST`` (the replica died or cannot be reached: nothing came back, a retry
+    goes to another replica), ``UNAVAILABLE`` (Serve refuses the call: the deployment is gone or over its queue
+    limit; retrying now would not help) or None (the engine raised: a bug or a bad request, not retried)."""
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    if isinstance(exc, (RayActorError, ReplicaUnavailableError)):
+        return LOST
+    if isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), RayActorError):
+        return LOST  # a chained call whose callee died
+    if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+        return UNAVAILABLE
+    return None
+
+
 # ================================================================================================ ingress
 class Ingress:
     """What the ingress does per request, free of Ray: auth, body limits and validation, the engine call, SSE.
@@ -135,6 +165,9 @@ class Ingress:
 
     READY_WAIT_S = 2.0  # a readiness check waits this long for the warm-up generation before answering 503
     READY_RETRY_S = 5.0  # a failed warm-up is retried by the next check after this long (also Retry-After)
+    ENGINE_RETRIES = 2  # retries of a call whose replica died before it answered (Serve picks a live replica)
+    RETRY_BACKOFF_S = (0.25, 1.0)  # wait before retry 1, 2, ...
+    UNAVAILABLE_RETRY_AFTER_S = 5  # Retry-After of the 503 when the retries are spent
 
     def __init__(self, cfg: ServeConfig, engine: Any, ttt: Any, api_key: str | None, tokenizer: Any):
         self.cfg = cfg
@@ -171,10 +204,28 @@ class Ingress:
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error",
                            code="invalid_api_key")
 
+    @staticmethod
+    def media(request: Request) -> None:
+        """415 unless the body is plain JSON: ``Content-Type`` application/json (charset utf-8 if named; a missing
+        header is accepted) and no ``Content-Encoding`` but identity."""
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            media, *params = (p.strip() for p in ctype.split(";"))
+            charsets = [v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params)
+                        if k.strip().lower() == "charset"]
+            if media.lower() != "application/json" or any(c not in ("utf-8", "utf8") for c in charsets):
+                raise APIError(415, f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}",
+                               code="unsupported_media_type")
+        encoding = request.headers.get("content-encoding")
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            raise APIError(415, f"Content-Encoding {encoding[:100]!r} is not supported: send the JSON body "
+                           "uncompressed", code="unsupported_media_type")
+
     async def body(self, request: Request, model_cls: type) -> Any:
         """Auth, the size limit, then :func:`finemed_ray.serving.protocol.parse_request` (its docstring has the
         rules)."""
         self.auth(request)
+        self.media(request)
         limit = self.cfg.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -198,7 +249,8 @@ class Ingress:
             return False, None
         t = self.cfg.ttt
         if not t.enabled:
-            raise APIError(400, "test-time training is not enabled on this server", param="ttt")
+            raise APIError(400, "ttt: test-time training is not enabled on this server (asked for with the 'ttt' "
+                           f"field or the model id '{base}{TTT_SUFFIX}')", param="ttt")
         k = ttt_opts.k if ttt_opts and ttt_opts.k is not None else t.adapt.k
         steps = ttt_opts.steps if ttt_opts and ttt_opts.steps is not None else t.adapt.steps
         if k > t.max_k:
@@ -226,8 +278,9 @@ class Ingress:
         else:
             chars = len(body.prompt)
         if chars > lim.max_prompt_chars:
-            raise APIError(400, f"prompt of {chars} characters exceeds the limit of {lim.max_prompt_chars}",
-                           param="messages" if chat else "prompt")
+            field = "messages" if chat else "prompt"
+            raise APIError(400, f"{field}: {chars} characters of prompt exceed the limit of {lim.max_prompt_chars}",
+                           param=field)
         ttt, ttt_args = self._model(body.model, body.ttt)
         temperature, top_p = body.sampling()
         req = GenRequest(
@@ -244,10 +297,61 @@ class Ingress:
         if ttt:
             question = (next(m.content for m in reversed(body.messages) if m.role == "user")
                         if chat else body.prompt)
-            got = await self.ttt.adapt.remote((question, ttt_args["k"], ttt_args["steps"]))
+            got, _ = await self._retrying(lambda: self.ttt.adapt.remote((question, ttt_args["k"], ttt_args["steps"])),
+                                          "TTT adaptation", req.request_id)
             req.adapter = got["adapter"]
             info = got["info"]
         return req, info
+
+    # ------------------------------------------------------------------------------------ replica failures
+    def unavailable(self, what: str, exc: BaseException, attempts: int | None = None) -> APIError:
+        """The 503 for a call whose replica was lost (``attempts`` made) or, ``attempts`` None, for a stream that
+        broke after ``what`` (the cause goes to the log with a reference, not to the client)."""
+        ref = uuid.uuid4().hex[:12]
+        log.warning("%s: engine unavailable (reference %s): %s: %s", what, ref, type(exc).__name__,
+                    (str(exc).splitlines() or [""])[0])
+        after = self.UNAVAILABLE_RETRY_AFTER_S
+        if attempts is None:
+            msg = (f"the model replica serving this stream became unavailable after {what}; the answer is "
+                   f"incomplete: retry the request (reference {ref})")
+        else:
+            msg = (f"the model is temporarily unavailable: no replica answered the {what} after {attempts} "
+                   f"attempt(s); retry in {after} s (reference {ref})")
+        return APIError(503, msg, "service_unavailable_error", code="engine_unavailable",
+                        headers={"Retry-After": str(after)})
+
+    async def _retrying(self, call: Any, what: str, request_id: str) -> tuple[Any, int]:
+        """``await call()``, again (on a live replica, Serve's choice) while the replica it went to is lost; returns
+        (result, retries). Spent retries or an unavailable deployment: :meth:`unavailable` (503)."""
+        attempt = 0
+        while True:
+            try:
+                return await call(), attempt
+            except Exception as e:
+                kind = engine_failure(e)
+                if kind is None:
+                    raise
+                if kind == UNAVAILABLE or attempt >= self.ENGINE_RETRIES:
+                    raise self.unavailable(what, e, attempt + 1) from None
+                log.warning("%s of %s: replica lost (%s); retry %d of %d", what, request_id, type(e).__name__,
+                            attempt + 1, self.ENGINE_RETRIES)
+                await asyncio.sleep(self.RETRY_BACKOFF_S[min(attempt, len(self.RETRY_BACKOFF_S) - 1)])
+                attempt += 1
+
+    async def _open_stream(self, req: GenRequest) -> tuple[Any, Any, int]:
+        """Start the engine stream and wait for its first event, retried like a non-streaming call (the client has
+        been sent nothing yet): (first event or None, the stream, retries)."""
+        holder: dict[str, Any] = {}
+
+        async def first():
+            holder["gen"] = gen = self.engine.options(stream=True).stream.remote(req)
+            try:
+                return await gen.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        event, retries = await self._retrying(first, "generation", req.request_id)
+        return event, holder["gen"], retries
 
     # ------------------------------------------------------------------------------------ readiness
     async def ready(self) -> tuple[bool, str]:
@@ -295,18 +399,26 @@ class Ingress:
         return await self._complete(request, CompletionRequest, chat=False)
 
     async def _complete(self, request: Request, model_cls: type, chat: bool):
-        from fastapi.responses import StreamingResponse
+        from fastapi.responses import JSONResponse, StreamingResponse
 
         body = await self.body(request, model_cls)
         req, info = await self.gen_request(body, chat=chat)
         if body.streaming():
-            return StreamingResponse(self._sse(req, body.model, chat, info, body.include_usage()),
-                                     media_type="text/event-stream")
-        res: GenResult = await self.engine.generate.remote(req)
+            first, gen, retries = await self._open_stream(req)
+            return StreamingResponse(self._sse(first, gen, body.model, chat, info, body.include_usage()),
+                                     media_type="text/event-stream", headers=self._retry_header(retries))
+        res: GenResult
+        res, retries = await self._retrying(lambda: self.engine.generate.remote(req), "generation", req.request_id)
         respond = chat_response if chat else completion_response
-        return respond(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens, info)
+        return JSONResponse(respond(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
+                                    info), headers=self._retry_header(retries))
 
-    async def _sse(self, req: GenRequest, model: str, chat: bool, info: dict | None, include_usage: bool):
+    @staticmethod
+    def _retry_header(retries: int) -> dict[str, str] | None:
+        return {"X-Engine-Retries": str(retries)} if retries else None
+
+    async def _sse(self, first: dict | None, gen: Any, model: str, chat: bool, info: dict | None,
+                   include_usage: bool):
         cid = new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -321,11 +433,18 @@ class Ingress:
                 payload["ttt"] = info
             return f"data: {json.dumps(payload)}\n\n"
 
+        async def events():
+            if first is not None:
+                yield first
+            async for event in gen:
+                yield event
+
+        sent = 0
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""}, None)
-            gen = self.engine.options(stream=True).stream.remote(req)
-            async for event in gen:
+            async for event in events():
+                sent += 1
                 if "delta" in event:
                     yield chunk({"content": event["delta"]} if chat else event["delta"], None)
                 else:
@@ -336,11 +455,14 @@ class Ingress:
                                                                                    event["completion_tokens"])}
                                                     ) + "\n\n"
             yield "data: [DONE]\n\n"
-        except Exception:  # headers are sent: report in-band, without internals
-            ref = uuid.uuid4().hex[:12]
-            log.exception("stream error %s", ref)
-            yield "data: " + json.dumps(APIError(500, f"internal error (reference {ref})",
-                                                 "server_error").body()) + "\n\n"
+        except Exception as e:  # headers are sent: report in-band, without internals
+            if engine_failure(e) is not None:  # the replica died mid-stream: what was sent cannot be taken back
+                err = self.unavailable(f"{sent} event(s)", e)
+            else:
+                ref = uuid.uuid4().hex[:12]
+                log.exception("stream error %s", ref)
+                err = APIError(500, f"internal error (reference {ref})", "server_error")
+            yield "data: " + json.dumps(err.body()) + "\n\n"
 
 
 def _body_of(name: str) -> dict[str, Any]:
@@ -363,7 +485,7 @@ def create_app(ingress: Ingress):
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc: Exception):

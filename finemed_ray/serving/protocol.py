@@ -5,7 +5,7 @@
 JSON ``{"error": {"message", "type", "param", "code"}}``, ``param`` naming the offending field as a dotted path such as
 ``messages.0.content``). The rules, all enforced before anything reaches the tokenizer or an engine:
 
-* **The body** is one JSON object: valid UTF-8 JSON, at most ``MAX_JSON_DEPTH`` levels of nested arrays/objects
+* **The body** is one JSON object: UTF-8 JSON (not UTF-16/32), at most ``MAX_JSON_DEPTH`` levels of nested arrays/objects
   (deeper bodies are refused without recursing through them), no duplicate keys, no ``NaN``/``Infinity`` (nor numbers
   that overflow to them), no lone UTF-16 surrogate (``"\\ud800"``) in any string or key: tokenizers cannot encode them.
 * **Types are strict**: nothing is coerced. ``"yes"`` is not a boolean, ``true`` is not an integer, ``"3"`` and ``3.0``
@@ -36,7 +36,10 @@ JSON ``{"error": {"message", "type", "param", "code"}}``, ``param`` naming the o
   non-whitespace character; token-id prompts are refused.
 
 Limits that depend on the deployment (body size, prompt length, messages, max_tokens, n, the model id, the context
-length, TTT k/steps) are checked by the ingress (``finemed_ray.serving.app``) with the same error shape.
+length, TTT k/steps) are checked by the ingress (``finemed_ray.serving.app``) with the same error shape, as are the
+headers: the API key (401), then ``Content-Type`` (``application/json``, charset utf-8 if one is named; absent is
+accepted) and ``Content-Encoding`` (identity only): 415 otherwise. ``tests/data/bad_requests.jsonl`` is the corpus of
+bad requests and the status each must get.
 """
 
 from __future__ import annotations
@@ -61,9 +64,10 @@ class APIError(Exception):
     """An error for the client: HTTP status + OpenAI error JSON (never a stack trace)."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # extra response headers (Retry-After of a 503)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -305,12 +309,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def load_json(raw: bytes) -> Any:
     """Parse a body; every failure is a 400 (the stdlib raises RecursionError on deep nesting, ValueError on numbers
-    with too many digits)."""
+    with too many digits). The bytes must be UTF-8 (RFC 8259; one leading BOM is ignored): ``json.loads`` on bytes
+    would guess UTF-16/32 as well."""
     try:
-        return json.loads(raw, object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"request body is not valid UTF-8: {e}") from None
+    try:
+        return json.loads(text.removeprefix("\ufeff"), object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
     except ValueError:  # an integer of more than sys.get_int_max_str_digits() digits
         raise APIError(400, "request body is not valid JSON: a number has too many digits") from None
