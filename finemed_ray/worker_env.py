@@ -28,9 +28,50 @@ def forwarded(environ: Mapping[str, str], prefixes: Iterable[str]) -> dict[str, 
     return {k: v for k, v in environ.items() if k.startswith(tuple(prefixes))}
 
 
+DIR_PREFIX = "finemed-worker-env-"
+
+
+def remove_stale_env_dirs(root: str | None = None) -> list[str]:
+    """Remove env-file directories whose driver is gone. ``atexit`` never runs for a SIGKILLed driver, so each
+    directory carries its driver's PID in its name and the next driver on the machine removes it; returns them."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(DIR_PREFIX):
+            continue
+        pid_text = name[len(DIR_PREFIX):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)) or not os.path.isdir(path):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue  # another user's: not ours to remove
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def write_env_file(values: Mapping[str, str]) -> str:
-    """Write ``values`` to a new private file (0600 in a private 0700 directory); removed at interpreter exit."""
-    directory = tempfile.mkdtemp(prefix="finemed-worker-env-")
+    """Write ``values`` to a new private file (0600 in a private 0700 directory); removed at interpreter exit, or
+    by the next driver's :func:`remove_stale_env_dirs` if this one is killed."""
+    remove_stale_env_dirs()
+    directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     fd, path = tempfile.mkstemp(dir=directory, suffix=".json")
     with os.fdopen(fd, "w") as fh:

@@ -58,3 +58,28 @@ def test_variables_reach_workers_and_no_ray_log_holds_them(monkeypatch):
     assert any(env_file.encode() in p.read_bytes() for p in logs), "the runtime env was not logged"
     leaked = [str(p) for p in logs if any(v.encode() in p.read_bytes() for v in values.values())]
     assert not leaked, leaked
+
+
+def test_a_killed_drivers_env_file_is_removed_by_the_next_driver(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from finemed_ray import worker_env
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = ("import os, sys, tempfile; tempfile.tempdir = sys.argv[1]; "
+            "from finemed_ray.worker_env import write_env_file; "
+            "print(write_env_file({'FINEMED_X': 'secret'}), flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    path = proc.stdout.readline().strip()
+    assert os.path.exists(path)
+    proc.send_signal(signal.SIGKILL)  # no atexit: the file stays behind
+    proc.wait()
+    assert os.path.exists(path)
+    mine = write_env_file({"FINEMED_Y": "v"})  # the next driver sweeps what dead drivers left
+    assert not os.path.exists(os.path.dirname(path))
+    assert os.path.exists(mine)  # its own (live PID) stays
+    assert worker_env.remove_stale_env_dirs(str(tmp_path)) == []
