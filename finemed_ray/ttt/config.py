@@ -44,8 +44,37 @@ class PoolSection(StrictModel):
 
 class IndexOutputSection(StrictModel):
     path: str = Field(
-        description="Index prefix (local or s3://): index.json, embeddings.npy, pool.parquet, quarantine.jsonl."
+        description="Index prefix (local or s3://): index.json, embeddings.npy, pool.parquet, quarantine.jsonl "
+        "(+ ann.faiss with index.kind ann)."
     )
+
+
+class IndexSpec(StrictModel):
+    """How the index is searched: exact (every row, the paper's retrieval) or approximate (faiss IVF), and the
+    approximate index's parameters. Stored in the index's index.json; queries read it from there."""
+
+    kind: Literal["exact", "ann"] = Field(
+        "exact", description="exact: L2 distance to every row (numpy; the paper's nearest neighbour; memory and "
+        "time linear in rows per query) | ann: faiss IVF-Flat (k-means cells; a query scans its nprobe nearest "
+        "cells), saved beside the vectors as ann.faiss; both re-rank their candidates by exact distance.")
+    nlist: int | None = Field(
+        None, ge=1, le=1 << 20, description="ann: k-means cells (inverted lists); null = the power of 2 nearest "
+        "4 x sqrt(rows), at most 2048 (assigning a row costs O(nlist x dim), so a fixed cap keeps the build linear "
+        "in rows; set it higher for 10^8 rows). Cut to rows / 39 for tiny pools (k-means needs the points).")
+    nprobe: int | None = Field(
+        None, ge=1, le=1 << 20, description="ann: cells scanned per query (the recall / speed knob; a query can "
+        "override it); null = calibrated at build time: the smallest power of 2 that reaches target_recall.")
+    target_recall: float = Field(
+        0.95, gt=0, le=1, allow_inf_nan=False, description="ann, nprobe null: recall@10 against exact search the "
+        "calibration must reach, measured on calibration_queries pool rows as queries (their own row left out).")
+    calibration_queries: int = Field(
+        200, ge=1, le=100_000, description="ann: pool rows used as calibration queries (fewer when the pool is "
+        "smaller); the recall at each nprobe tried is recorded in index.json.")
+    train_rows: int | None = Field(
+        None, ge=1, description="ann: rows sampled (uniformly, seeded) to train k-means; null = 64 x nlist.")
+    shard_rows: int | None = Field(
+        None, ge=1, description="ann: rows per shard when adding the vectors; null = 64 MiB of vectors. A pool of "
+        "more than one shard is assigned to cells by Ray Data actors (ray.concurrency of them), shard by shard.")
 
 
 class IndexRaySection(StrictModel):
@@ -61,4 +90,6 @@ class IndexJobConfig(StrictModel):
     pool: PoolSection = Field(description="The rows to index.")
     encoder: EncoderSpec = Field(default_factory=EncoderSpec, description="The embedding model and its settings.")
     output: IndexOutputSection = Field(description="Where the index goes.")
+    index: IndexSpec = Field(default_factory=IndexSpec, description="Exact or approximate (ANN) search, and the "
+                             "ANN parameters.")
     ray: IndexRaySection = Field(default_factory=IndexRaySection, description="Which Ray cluster embeds, and how wide.")
