@@ -50,6 +50,12 @@ test-slow: install
 test-all: install
 	$(PY) -m pytest -m ""
 
+# GRPO's learning proof (~25 min on 2 cores, too long for the demo): recipe up to reasoning SFT, then GRPO; held-out
+# reasoning-mode accuracy before and after, McNemar's exact test (tests/test_grpo.py, also in `make test-slow`).
+.PHONY: grpo-proof
+grpo-proof: install
+	$(PY) -m pytest -m slow -s tests/test_grpo.py::test_grpo_raises_heldout_reasoning_accuracy
+
 s3: install
 	$(PY) -m finemed_ray.storage serve-s3 --port 9000 --bucket finemed-demo
 
@@ -60,7 +66,7 @@ s3-sample: install
 # Benchmarks (bench/README.md): each writes bench/results/<name>_<device>.json, one at a time; hours on a 2-core CPU
 # machine. `make bench BENCHES="ttt serve"` runs some of them. Either way it ends by regenerating bench/RESULTS.md.
 BENCHES ?= sft_throughput train_overhead packing_throughput streaming_rss synthesis ttt ttt_lm_head ttt_shape_creep \
-	cpu_linear serve
+	cpu_linear serve index_scale dpo_packing
 .PHONY: bench bench-table
 
 bench: install

@@ -83,6 +83,8 @@ TARGETS: dict[str, Target] = {
                                               "bench/train_overhead.py (superseded by issue 18 item 3)"),
     # bench/packing_throughput.py ("tokens/s with packing / without >= 1.5").
     "packing_throughput.speedup": Target(">=", 1.5, ">= 1.5x", "bench/packing_throughput.py"),
+    # issue 19 item 4: padding-free DPO "tokens/s vs padded DPO on length-varied pairs, with a target of >= 1.5x".
+    "dpo_packing.speedup": Target(">=", 1.5, ">= 1.5x padded DPO", "issue 19 item 4"),
     # bench/streaming_rss.py ("peak worker RSS(10N) / peak worker RSS(N) - 1 <= 0.1").
     "streaming_rss.growth": Target("<=", 0.10, "<= +10%", "bench/streaming_rss.py"),
     # bench/ttt.py targets.batched8_vs_1; issue 18 keeps 1 vs 8 questions in the bench but sets no ratio target.
@@ -217,6 +219,9 @@ SETTINGS: dict[str, Callable[[dict], str]] = {
     "sft_throughput": lambda d: (f"{d.get('rows', UNKNOWN)} rows, {d.get('epochs', UNKNOWN)} epochs, "
                                  f"{d.get('workers', UNKNOWN)} workers"),
     "packing_throughput": _setting_packing,
+    "dpo_packing": lambda d: (f"{d.get('pairs_per_batch', UNKNOWN)} pairs per micro-batch, sequences "
+                              f"{d.get('sequence_length_range', UNKNOWN)} tokens, max_length {d.get('max_length', UNKNOWN)}, "
+                              f"{d.get('attn_implementation', UNKNOWN)}, {d.get('repeats', UNKNOWN)} repeats (median)"),
     "streaming_rss": _setting_streaming,
     "ttt": _setting_ttt,
     "ttt_lm_head": lambda d: (f"vocabulary {get(d, 'model.vocab', UNKNOWN)}, "
@@ -454,6 +459,15 @@ FIGURES: tuple[Figure, ...] = (
            lambda d: d.get("speedup_tokens_per_cpu_second"), "packing_throughput.speedup",
            json_target=lambda d: parse_target(d.get("target")),
            json_verdict=lambda d: d.get("meets_target_by_cpu_time")),
+    Figure(TRAIN, "DPO packed / padded: tokens/s, tiny model (policy + reference forward, loss, backward)",
+           "dpo_packing", lambda d: d.get("speedup_tokens_per_second_tiny"), "dpo_packing.speedup",
+           json_target=lambda d: parse_target(d.get("target")), json_verdict=lambda d: d.get("meets_target_tiny")),
+    Figure(TRAIN, "DPO packed / padded: tokens/s, hidden 512 x 4 layers", "dpo_packing",
+           lambda d: d.get("speedup_tokens_per_second_h512"), "dpo_packing.speedup",
+           json_target=lambda d: parse_target(d.get("target")), json_verdict=lambda d: d.get("meets_target_h512")),
+    Figure(TRAIN, "DPO packed / padded: tokens per CPU-second, hidden 512 x 4 layers", "dpo_packing",
+           lambda d: d.get("speedup_tokens_per_cpu_second_h512"), "dpo_packing.speedup",
+           json_target=lambda d: parse_target(d.get("target"))),
     Figure(TRAIN, "peak Ray Train worker RSS (VmHWM), 10N rows over N rows", "streaming_rss", _streaming,
            "streaming_rss.growth", json_target=lambda d: parse_target(d.get("target")),
            json_verdict=lambda d: d.get("meets_target")),

@@ -156,7 +156,9 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
         pass
 
-    class RayDPOTrainer(RayShardDataLoaderMixin, DPOTrainer):
+    from finemed_ray.train.dpo_packing import DPOPackingMixin
+
+    class RayDPOTrainer(RayShardDataLoaderMixin, DPOPackingMixin, DPOTrainer):  # packing: train/dpo_packing.py
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset  # rows arrive tokenised by finemed_ray.data.dpo_prepare exactly as TRL would
 
@@ -263,6 +265,11 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         pack_length = resolve_pack_length(t.pack_length, cfg.data.max_length,
                                           getattr(model.config, "_attn_implementation", None))
         trainer_kwargs["data_collator"] = packing_collator(tokenizer, pack_length=pack_length)
+    if kind == "dpo" and t.packing:
+        # chosen and rejected sequences flat, position ids restarting per sequence (finemed_ray/train/dpo_packing.py)
+        trainer_kwargs["dpo_packing"] = True
+        trainer_kwargs["dpo_pack_length"] = resolve_pack_length(t.pack_length, cfg.data.max_length,
+                                                                getattr(model.config, "_attn_implementation", None))
     # DPO: no ref_model given -> TRL loads a frozen copy of the starting weights and, under DeepSpeed, wraps it
     # in its own ZeRO-3 inference engine (sharded like the policy); with LoRA the adapter is disabled instead.
     trainer = (RayDPOTrainer if kind == "dpo" else RaySFTTrainer)(
@@ -556,8 +563,8 @@ class DPOJob(SFTJob):
     def __init__(self, cfg: DPOJobConfig):
         if not isinstance(cfg, DPOJobConfig):
             raise ConfigError("DPOJob needs a DPOJobConfig (configs/dpo_*.yaml)")
-        if cfg.train.packing:
-            raise ConfigError("train.packing: not supported for DPO (chosen and rejected are padded per pair)")
+        # train.packing is supported (finemed_ray/train/dpo_packing.py); the worker refuses an attention
+        # implementation that would let packed sequences attend to each other (check_packing_attention).
         super().__init__(cfg)
 
     def prepare(self, selection):
