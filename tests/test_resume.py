@@ -161,6 +161,7 @@ def test_killed_worker_restarts_from_checkpoint_with_the_same_samples(reference,
     assert outcome["result"]["seen"] == reference["seen"]
 
 
+@pytest.mark.slow  # keeps the default suite under 25 min; CI runs it in `make test-slow`
 def test_a_kill_with_no_restarts_left_ends_with_a_clear_error(setup):
     cfg = config(setup, "no-restarts", "run.max_failures=0")
     thread, outcome = run_in_thread(cfg)
@@ -198,6 +199,7 @@ def test_corrupted_checkpoint_gives_a_clear_error(reference, setup):
         SFTJob(cfg).setup().run()
 
 
+@pytest.mark.slow  # keeps the default suite under 25 min; CI runs it in `make test-slow`
 def test_s3_outage_mid_run_is_waited_out_with_the_same_samples(reference, setup, s3_outage):
     """A 10 s S3 outage once the first checkpoint is registered: checkpoint uploads, the export and the run's own
     writes retry (``FINEMED_S3_RETRY_WINDOW_S``) instead of failing, so the run neither restarts nor loses a row."""

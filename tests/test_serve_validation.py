@@ -527,6 +527,7 @@ def vllm_corpus_app(tiny_model_dir):
                     pass
 
 
+@pytest.mark.slow  # ~60-100 s with vLLM start-up; CI runs it in `make test-slow`
 def test_corpus_through_serve_with_the_vllm_engine(vllm_corpus_app):
     """Every corpus case through Serve's HTTP proxy to the real ingress in front of vLLM: the expected status and
     error JSON, never a 5xx; the engine replica is the same process afterwards and still answers."""
