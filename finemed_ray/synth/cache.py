@@ -247,3 +247,53 @@ def _to_response_table(batch: pa.Table) -> pa.Table:
         else:
             data[name] = pa.nulls(batch.num_rows, RESPONSE_SCHEMA.field(name).type)
     return pa.table(data, schema=RESPONSE_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------ per batch (streaming)
+def stored_index(cache_uri: str) -> dict[str, str]:
+    """key -> the cache file (path inside its filesystem) holding its response, for one step; {} when none.
+    The streaming pipeline ships this to its step tasks, which read only the files of the keys they need."""
+    import pyarrow.parquet as pq
+
+    index: dict[str, str] = {}
+    files = storage.list_files(cache_uri, suffixes=(".parquet",)) if storage.exists(cache_uri) else []
+    for f in files:
+        fs, path = storage.get_filesystem(f)
+        for key in pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist():
+            index.setdefault(key, path)  # a key stored twice: the first file wins, as in run_cached_step
+    return index
+
+
+_FILE_CACHE: dict[str, dict[str, dict[str, Any]]] = {}  # per worker process: recently read cache files
+
+
+def read_stored(index: dict[str, str], keys: list[str], filesystem: Any) -> dict[str, dict[str, Any]]:
+    """The stored responses of ``keys`` (all in ``index``), read from their cache files."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, dict[str, Any]] = {}
+    for path in dict.fromkeys(index[k] for k in keys):
+        rows = _FILE_CACHE.get(path)
+        if rows is None:
+            table = _to_response_table(pq.read_table(path, filesystem=filesystem))
+            rows = {}
+            for r in table.to_pylist():
+                rows.setdefault(r["key"], r)
+            if len(_FILE_CACHE) > 256:
+                _FILE_CACHE.clear()
+            _FILE_CACHE[path] = rows
+        for k in keys:
+            if index[k] == path and k in rows:
+                out[k] = rows[k]
+    missing = [k for k in keys if k not in out]
+    if missing:  # never silently use a result without its response
+        raise RuntimeError(f"cache: {len(missing)} keys listed but not found in their files (e.g. {missing[0]})")
+    return out
+
+
+def store_results(results: list[dict[str, Any]], filesystem: Any, path: str) -> None:
+    """Write teacher results (key + response columns) to the cache as one whole file, named by its keys, before
+    they are used (see ``_store_responses``)."""
+    if results:
+        _store_responses(pa.Table.from_pylist(results, schema=RESPONSE_SCHEMA), filesystem, path,
+                         [(f.name, f.type) for f in RESPONSE_SCHEMA])

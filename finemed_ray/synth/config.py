@@ -121,6 +121,20 @@ class SynthRaySection(StrictModel):
     local_num_cpus: int = Field(4, ge=2, description="Logical CPUs of a local cluster.")
 
 
+class ExecutionSection(StrictModel):
+    mode: Literal["streaming", "steps"] = Field(
+        "streaming", description="streaming: documents stream through all teacher steps in one Ray Data execution, "
+        "vllm/hf teachers load once per run (engine actors); steps: one materialised Ray Data pass per step "
+        "(vllm through ray.data.llm, an engine start per step).")
+    docs_per_batch: int | None = Field(
+        None, ge=1, description="streaming: documents per step batch (one teacher call per step and batch); "
+        "null = the default teacher's batch_size.")
+    batches_in_flight: int | None = Field(
+        None, ge=1, description="streaming: step tasks at a time; null = 4 per vllm/hf replica plus the http "
+        "teachers' num_workers.")
+    task_num_cpus: float = Field(0.25, gt=0, description="streaming: logical CPUs per step task (I/O bound).")
+
+
 class TaxonomySection(StrictModel):
     departments: dict[str, list[str]] | None = Field(
         None, description="Primary department -> its secondary departments; null = the paper's 6/29 "
@@ -139,4 +153,5 @@ class SynthJobConfig(StrictModel):
     dialogue: DialogueSection = Field(default_factory=DialogueSection, description="Multi-turn dialogues.")
     decontamination: DecontamSection = Field(default_factory=DecontamSection, description="Benchmark decontamination.")
     output: SynthOutputSection = Field(description="Where datasets, quarantine and manifest go.")
+    execution: ExecutionSection = Field(default_factory=ExecutionSection, description="How the steps run.")
     ray: SynthRaySection = Field(default_factory=SynthRaySection, description="Which Ray cluster runs the job.")

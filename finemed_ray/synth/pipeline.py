@@ -355,21 +355,28 @@ def apply_single(batch: pa.Table, step: str, cfg: dict) -> pa.Table:
 
 
 def _apply_doc(rows: list[dict], step: str, cfg: dict) -> pa.Table:
+    return pa.Table.from_pylist([_apply_doc_row(rows, step, cfg)], schema=DOC_SCHEMA)
+
+
+def _apply_doc_row(rows: list[dict], step: str, cfg: dict, note: dict | None = None) -> dict:
+    """One document's responses (in request order) -> the document row. ``note``: per-step teacher counts the
+    streaming pipeline keeps in the state (``_TEACHER_NOTE``), added whether the document is kept or dropped."""
     first = rows[0]
     if len(rows) != first["n_sub"]:  # never apply a step to part of a document's responses
         raise RuntimeError(f"step {step}: document {first['doc_id']} has {len(rows)} of {first['n_sub']} responses")
     st = json.loads(first["state"])
+    if note is not None:
+        _add_note(st, step, note)
     responses = [{"text": r["text"] if not r["error"] else None, "error": r["error"]} for r in rows]
     if all(r["error"] for r in rows):
         # The teacher failed this document's every request (after retries): drop it with the error, keep going.
         st.update(dropped_at=step, reason=f"teacher_error: {rows[0]['error']}")
-        return pa.Table.from_pylist([_doc(first["doc_id"], DROPPED, first["kind"], st)], schema=DOC_SCHEMA)
+        return _doc(first["doc_id"], DROPPED, first["kind"], st)
     st, reason = STEPS[step][2](st, responses, cfg, first["doc_id"])
     if reason:
         st.update(dropped_at=step, reason=reason, raw=[r["text"] for r in rows])
-        return pa.Table.from_pylist([_doc(first["doc_id"], DROPPED, first["kind"], st)], schema=DOC_SCHEMA)
-    return pa.Table.from_pylist([_doc(first["doc_id"], ACTIVE, st.get("kind", first["kind"]) or "", st)],
-                                schema=DOC_SCHEMA)
+        return _doc(first["doc_id"], DROPPED, first["kind"], st)
+    return _doc(first["doc_id"], ACTIVE, st.get("kind", first["kind"]) or "", st)
 
 
 def apply_no_request(batch: pa.Table, step: str, cfg: dict) -> pa.Table:
@@ -389,6 +396,134 @@ def _needs_requests(batch: pa.Table, step: str, cfg: dict) -> pa.Table:
     return batch.append_column("needs", pa.array(flags, pa.bool_()))
 
 
+# ------------------------------------------------------------------------------------- streaming execution
+# execution.mode=streaming: every teacher step is one map over document batches that makes the batch's requests,
+# answers them from the response cache or the teacher (storing new responses first), and applies the step's parser
+# -- so a document needs nothing from any other document between the seed dedupe and the final write, and Ray Data
+# streams the batches through all steps in one execution (no materialised step boundaries, no per-step shuffle).
+# What truly needs all rows stays a barrier: the seed dedupe (which of the copies of a text is kept, before any
+# teacher request, needs all copies), the reward-model judge (a separate actor pool, kept as a step boundary), and
+# the final write (outputs are sorted so that a rerun writes the same files; the manifest counts every document).
+# Question selection, the judge's pick between a document's two answers and the common/complex split (a fixed
+# complexity threshold, no corpus-wide quantile) are per document, so they stream.
+_TEACHER_NOTE = "_teacher"  # state key: {step: counts} (see _add_note); never written to an output dataset
+_NOTE_FIELDS = ("requests", "cache_hits", "teacher_calls", "errors", "prompt_tokens", "completion_tokens")
+
+
+def _add_note(st: dict, step: str, note: dict) -> None:
+    acc = st.setdefault(_TEACHER_NOTE, {}).setdefault(step, {})
+    for k, v in note.items():
+        if k == "error_kinds":
+            kinds = acc.setdefault("error_kinds", {})
+            for e, n in v.items():
+                kinds[e] = kinds.get(e, 0) + n
+        else:
+            acc[k] = round(acc.get(k, 0) + v, 6)
+
+
+def _selected(row: dict, st: dict, kinds: tuple[str, ...] | None, extra_filter: str | None) -> bool:
+    if row["status"] != ACTIVE or (kinds and row["kind"] not in kinds):
+        return False
+    if extra_filter == "follow_up_open":
+        return not st.get("follow_up_done")
+    if extra_filter:
+        return extra_filter in st
+    return True
+
+
+_HTTP_TEACHERS: dict[tuple[str, str | None], Any] = {}
+
+
+def _call_teacher(teacher: Any, requests: list[dict]) -> list[dict]:
+    """``teacher``: ``("engine", pool, spec)`` (vllm/hf: the run's engine actors, a
+    :class:`~finemed_ray.synth.engines.EnginePool`, with the calling teacher's spec), or ``("http", spec,
+    api_key)``, an endpoint this worker process calls itself (one client per process and spec)."""
+    if teacher[0] == "engine":
+        return teacher[1].generate(requests, teacher[2])
+    if teacher[0] == "http":
+        from finemed_ray.synth.teachers import HttpTeacher
+
+        _, spec, api_key = teacher
+        key = (spec.model_dump_json(), api_key)
+        if key not in _HTTP_TEACHERS:
+            _HTTP_TEACHERS[key] = HttpTeacher(spec, api_key=api_key)
+        return _HTTP_TEACHERS[key].generate(requests)
+    raise ValueError(f"unknown teacher reference {teacher[0]!r}")
+
+
+def stream_step_batch(batch: pa.Table, step: str, cfg: dict, kinds: tuple[str, ...] | None,
+                      extra_filter: str | None, teacher: Any, teacher_identity: str, cache_fs: Any,
+                      cache_path: str, cache_index: dict[str, str]) -> pa.Table:
+    """One teacher step for a batch of documents: the documents it applies to make their requests; cached
+    responses are read, the others sent to the teacher in one call and stored in the cache before they are used;
+    each document's responses (in request order) go through the step's parser. Other documents pass unchanged."""
+    import time as _time
+
+    from finemed_ray.synth.cache import read_stored, store_results
+
+    version = prompts.PROMPT_VERSIONS[PROMPT_VERSION_OF[step]]
+    rows = batch.select(DOC_SCHEMA.names).to_pylist()
+    out: list[dict | None] = list(rows)
+    pending: list[tuple[int, dict, list[dict]]] = []  # (row index, row, [{key, messages}])
+    for i, row in enumerate(rows):
+        st = json.loads(row["state"])
+        if not _selected(row, st, kinds, extra_filter):
+            continue
+        built = STEPS[step][1](st, cfg)
+        if not built:  # applies, but without a teacher call (e.g. no judge when one answer failed)
+            st, reason = STEPS[step][2](st, [], cfg, row["doc_id"])
+            if reason:
+                st.update(dropped_at=step, reason=reason)
+            out[i] = _doc(row["doc_id"], DROPPED if reason else ACTIVE, st.get("kind", row["kind"]) or "", st)
+            continue
+        reqs = [{"key": request_key(step, version, teacher_identity, m), "messages": m} for m in built]
+        pending.append((i, row, reqs))
+    if pending:
+        t0 = _time.time()
+        flat = [r for _, _, reqs in pending for r in reqs]
+        hit_keys = [r["key"] for r in flat if r["key"] in cache_index]
+        responses = read_stored(cache_index, hit_keys, cache_fs) if hit_keys else {}
+        todo = [r for r in flat if r["key"] not in cache_index]
+        if todo:
+            results = _call_teacher(teacher, todo)
+            store_results(results, cache_fs, cache_path)  # stored before used: a rerun never asks again
+            for req, res in zip(todo, results):
+                responses[req["key"]] = res  # a key asked twice in one batch: both rows get an answer
+        share = (_time.time() - t0) / len(pending)
+        sent = {id(r) for r in todo}
+        for i, row, reqs in pending:
+            answers = [responses[r["key"]] for r in reqs]
+            note = {"requests": len(reqs), "cache_hits": sum(id(r) not in sent for r in reqs),
+                    "teacher_calls": sum(id(r) in sent for r in reqs),
+                    "errors": sum(bool(a["error"]) for a in answers),
+                    "prompt_tokens": sum(a["prompt_tokens"] or 0 for a in answers),
+                    "completion_tokens": sum(a["completion_tokens"] or 0 for a in answers), "seconds": share,
+                    "error_kinds": {}}
+            for a in answers:
+                if a["error"]:
+                    kind = a["error"].split(":", 1)[0]
+                    note["error_kinds"][kind] = note["error_kinds"].get(kind, 0) + 1
+            doc_rows = [{**row, "sub": j, "n_sub": len(reqs), "text": a["text"], "error": a["error"]}
+                        for j, a in enumerate(answers)]
+            out[i] = _apply_doc_row(doc_rows, step, cfg, note)
+    return pa.Table.from_pylist(out, schema=DOC_SCHEMA)
+
+
+def _teacher_stats(docs, plan: list[tuple[str, str]]) -> list[StepStats]:
+    """Per-step teacher counts summed over the documents' notes, one entry per step name in pipeline order."""
+    stats = {step: StepStats(step=step, teacher=name) for step, name in plan}
+    for batch in docs.select_columns(["state"]).iter_batches(batch_format="pyarrow", batch_size=4096):
+        for s in batch.column("state").to_pylist():
+            for step, note in (json.loads(s).get(_TEACHER_NOTE) or {}).items():
+                acc = stats[step]
+                for f in _NOTE_FIELDS:
+                    setattr(acc, f, getattr(acc, f) + int(note.get(f, 0)))
+                acc.seconds = round(acc.seconds + note.get("seconds", 0.0), 3)
+                for e, n in (note.get("error_kinds") or {}).items():
+                    acc.error_kinds[e] = acc.error_kinds.get(e, 0) + n
+    return list(stats.values())
+
+
 # ------------------------------------------------------------------------------------------------ the job
 class SynthesisPipeline:
     def __init__(self, cfg: SynthJobConfig):
@@ -398,6 +533,9 @@ class SynthesisPipeline:
         self.cache_root = storage.join(self.out, "cache")
         self.stats: list[StepStats] = []
         self.teachers: dict[str, Any] = {}
+        self.engines: dict[str, Any] = {}  # engine key -> EnginePool (streaming mode, vllm/hf teachers)
+        self.engine_teachers: dict[str, list[str]] = {}
+        self.run_id = f"{int(time.time() * 1000):x}"
         self.t0 = time.time()
 
     def teacher(self, step: str):
@@ -469,26 +607,134 @@ class SynthesisPipeline:
 
     def run(self) -> dict[str, Any]:
         with _sort_based_shuffles():
-            return self._run()
+            if self.cfg.execution.mode == "steps":
+                return self._run()
+            try:
+                return self._run_streaming()
+            finally:
+                self.close_engines()
+
+    def plan(self) -> list[tuple[str, tuple[str, ...] | None, str | None]]:
+        """The teacher steps in order: (step, kinds it applies to, extra filter)."""
+        out: list[tuple[str, tuple[str, ...] | None, str | None]] = [
+            ("classify_primary", None, None), ("classify_secondary", None, None), ("generate_questions", None, None),
+            ("score_questions", None, None), ("answer_common", ("common",), None), ("judge", ("common",), None),
+            ("answer_complex", ("complex",), None)]
+        follow_kinds = tuple(self.cfg.dialogue.follow_up_kinds)
+        for _ in range(self.cfg.dialogue.follow_up_turns if follow_kinds else 0):
+            out += [("follow_up_question", follow_kinds, "follow_up_open"),
+                    ("follow_up_answer", follow_kinds, "pending_follow_up")]
+        out.append(("direct_answer", ("complex",), None))
+        return out
 
     def _run(self) -> dict[str, Any]:
         docs = self.read()
-        docs = self.step(docs, "classify_primary")
-        docs = self.step(docs, "classify_secondary")
-        docs = self.step(docs, "generate_questions")
-        docs = self.step(docs, "score_questions")
-        docs = self.step(docs, "answer_common", kinds=("common",))
-        if self.cfg.answers.judge == "reward_model":
-            docs = self.reward_model_judge(docs)
-        else:
-            docs = self.step(docs, "judge", kinds=("common",))
-        docs = self.step(docs, "answer_complex", kinds=("complex",))
-        follow_kinds = tuple(self.cfg.dialogue.follow_up_kinds)
-        for _ in range(self.cfg.dialogue.follow_up_turns if follow_kinds else 0):
-            docs = self.step(docs, "follow_up_question", kinds=follow_kinds, extra_filter="follow_up_open")
-            docs = self.step(docs, "follow_up_answer", kinds=follow_kinds, extra_filter="pending_follow_up")
-        docs = self.step(docs, "direct_answer", kinds=("complex",))
+        for step, kinds, extra in self.plan():
+            if step == "judge" and self.cfg.answers.judge == "reward_model":
+                docs = self.reward_model_judge(docs)
+            else:
+                docs = self.step(docs, step, kinds=kinds, extra_filter=extra)
         docs = self.decontaminate(docs)
+        return self.write(docs)
+
+    # ------------------------------------------------------------------------------------- streaming
+    def engine_pool(self, name: str, teacher: Any):
+        """The run's engine actors for a vllm/hf teacher (started on first use, shared by teachers with the same
+        spec); None for http teachers."""
+        from finemed_ray.synth.engines import ENGINE_BACKENDS, EnginePool, engine_key
+
+        if teacher.spec.backend not in ENGINE_BACKENDS:
+            return None
+        key = engine_key(teacher.spec)
+        if key not in self.engines:
+            t0 = time.time()
+            self.engines[key] = EnginePool.start(teacher.spec, self.run_id)
+            self.engine_teachers[key] = []
+            log.info("engines for teacher %s (%s x%d) ready in %.1fs", name, teacher.identity,
+                     teacher.spec.concurrency, time.time() - t0)
+        if name not in self.engine_teachers[key]:
+            self.engine_teachers[key].append(name)
+        return self.engines[key]
+
+    def engine_summary(self) -> list[dict[str, Any]]:
+        out = []
+        for key, pool in self.engines.items():
+            replicas = pool.info()
+            out.append({"teachers": self.engine_teachers[key], "identity": pool.identity,
+                        "replicas": len(replicas), "engine_starts": sum(r["engine_starts"] for r in replicas),
+                        "load_seconds": [r["load_seconds"] for r in replicas],
+                        "requests": [r["requests"] for r in replicas]})
+        return out
+
+    def close_engines(self) -> None:
+        for pool in self.engines.values():
+            pool.close()
+        self.engines.clear()
+
+    def _run_streaming(self) -> dict[str, Any]:
+        import math
+
+        import ray.data
+
+        docs = self.read()  # a barrier: the seed dedupe needs every copy of a text
+        ex = self.cfg.execution
+        plan = [(step, self.teacher(step)[0], kinds, extra) for step, kinds, extra in self.plan()]
+        teachers: dict[str, tuple[Any, Any]] = {}  # name -> (what a step task calls, identity)
+        in_flight = 0
+        for _, name, _, _ in plan:
+            if name in teachers:
+                continue
+            teacher = self.teachers[name]
+            pool = self.engine_pool(name, teacher)
+            if pool is not None:
+                teachers[name] = (("engine", pool, teacher.spec), teacher.identity)
+            else:
+                teachers[name] = (("http", teacher.spec, teacher._api_key()), teacher.identity)
+                in_flight += teacher.options.num_workers
+        in_flight += 4 * sum(p.spec.concurrency for p in self.engines.values())
+        in_flight = ex.batches_in_flight or max(1, in_flight)
+        per_batch = ex.docs_per_batch or self.cfg.teachers.models[self.cfg.teachers.default].batch_size
+        n = docs.count()
+        # Blocks of one batch each: a task streams its batch through every step while other tasks work on others.
+        docs = docs.repartition(max(1, math.ceil(n / per_batch)))
+        self.engine_ready_s = round(time.time() - self.t0, 3)
+        self.stream_plan = [(step, f"reward_model:{self.cfg.answers.reward_model}"
+                             if step == "judge" and self.cfg.answers.judge == "reward_model" else name)
+                            for step, name, _, _ in plan]
+        for step, name, kinds, extra in plan:
+            if step == "judge" and self.cfg.answers.judge == "reward_model":
+                docs = self.reward_model_judge(docs)  # its own actor pool: a step boundary (materialised)
+                continue
+            cache_uri = storage.join(self.cache_root, step)
+            fs, path = storage.get_filesystem(cache_uri)
+            if not storage.is_s3(cache_uri):
+                fs.create_dir(path, recursive=True)
+            from finemed_ray.synth.cache import stored_index
+
+            call, identity = teachers[name]
+            docs = docs.map_batches(
+                stream_step_batch, batch_format="pyarrow", batch_size=None, num_cpus=ex.task_num_cpus,
+                compute=ray.data.TaskPoolStrategy(size=in_flight), zero_copy_batch=True,
+                fn_kwargs={"step": step, "cfg": self.cfg_dict, "kinds": kinds, "extra_filter": extra,
+                           "teacher": call, "teacher_identity": identity, "cache_fs": fs, "cache_path": path,
+                           "cache_index": stored_index(cache_uri)})
+        bench = self.cfg.decontamination.benchmarks
+        if bench:
+            from finemed_ray.synth.decontam import Decontaminator
+
+            index = Decontaminator.from_files(bench, n=self.cfg.decontamination.ngram)
+            docs = docs.map_batches(_decontam_batch, batch_format="pyarrow", fn_kwargs={"index": index})
+        try:  # the one barrier after the dedupe: the outputs are written sorted, and counted
+            docs = _fresh(docs)
+        except Exception as e:
+            from finemed_ray.synth.teachers import find_teacher_unavailable
+
+            down = find_teacher_unavailable(e)
+            if down is not None:  # batches finished before the failure stay in the cache for the rerun
+                raise down from None
+            raise
+        self.stream_seconds = round(time.time() - self.t0 - self.engine_ready_s, 3)
+        self.stats = _teacher_stats(docs, self.stream_plan)
         return self.write(docs)
 
     def reward_model_judge(self, docs):
@@ -554,16 +800,40 @@ class SynthesisPipeline:
             entry = {"step": where, "docs_in": remaining, "dropped": dropped, "reasons": drops.get(where, {})}
             remaining -= dropped
             entry["docs_out"] = remaining
-            stat = next((s for s in self.stats if s.step == where), None)
-            if stat:
-                entry["teacher"] = stat.to_dict()
+            same = [s for s in self.stats if s.step == where]  # follow-up steps run once per turn: summed
+            if same:
+                entry["teacher"] = _sum_stats(same).to_dict()
             steps.append(entry)
         return {"job": self.cfg.name, "input": self.cfg.input.path, "docs": n_docs, "kept_by_kind": kinds,
                 "steps": steps, "outputs": outputs, "teacher_calls": sum(s.teacher_calls for s in self.stats),
                 "cache_hits": sum(s.cache_hits for s in self.stats),
                 "prompt_tokens": sum(s.prompt_tokens for s in self.stats),
                 "completion_tokens": sum(s.completion_tokens for s in self.stats),
-                "seconds": round(time.time() - self.t0, 3), "config": self.cfg_dict}
+                "seconds": round(time.time() - self.t0, 3), "execution": self.execution_summary(),
+                "config": self.cfg_dict}
+
+    def execution_summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.cfg.execution.mode}
+        if self.cfg.execution.mode == "streaming":
+            # engines: one entry per distinct vllm/hf teacher spec, engine_starts summed over its replicas (one
+            # per replica per run); setup: read + dedupe + engine starts; stream: all teacher steps until the
+            # documents are materialised for writing.
+            out.update(engines=self.engine_summary(), setup_seconds=getattr(self, "engine_ready_s", None),
+                       stream_seconds=getattr(self, "stream_seconds", None))
+        return out
+
+
+def _sum_stats(stats: list[StepStats]) -> StepStats:
+    if len(stats) == 1:
+        return stats[0]
+    total = StepStats(step=stats[0].step, teacher=stats[0].teacher)
+    for st in stats:
+        for f in ("requests", "cache_hits", "teacher_calls", "errors", "prompt_tokens", "completion_tokens"):
+            setattr(total, f, getattr(total, f) + getattr(st, f))
+        total.seconds = round(total.seconds + st.seconds, 3)
+        for k, n in st.error_kinds.items():
+            total.error_kinds[k] = total.error_kinds.get(k, 0) + n
+    return total
 
 
 class RewardModelJudge:
