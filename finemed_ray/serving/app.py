@@ -41,7 +41,7 @@ from typing import Any
 from fastapi import Request  # module level: route annotations are strings (PEP 563) resolved in this namespace
 
 from finemed_ray.serving.config import ServeConfig, check_model_id
-from finemed_ray.serving.engines import GenRequest, GenResult
+from finemed_ray.serving.engines import GenRequest, GenResult, coalesce
 from finemed_ray.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -69,6 +69,7 @@ def _engine_deployment():
 
             m = cfg["model"]
             self.kind = m["engine"]
+            self.stream_interval_s = cfg["tuning"]["stream_interval_ms"] / 1000
             device = m["device"]
             if device == "auto":
                 import torch
@@ -96,6 +97,12 @@ def _engine_deployment():
             return await self.engine.generate(req)
 
         async def stream(self, req: GenRequest):
+            # One yield is one Ray object (or gRPC message) to the ingress: tokens are sent in chunks (the first at
+            # once, then one chunk per stream_interval_ms), not one object per token.
+            async for event in coalesce(self._events(req), self.stream_interval_s):
+                yield event
+
+        async def _events(self, req: GenRequest):
             if self.kind == "hf":  # generated in a batch, then sent piece by piece
                 res = await self._hf_batch(req)
                 for piece in re.findall(r"\s*\S+|\s+$", res.text):
@@ -169,9 +176,13 @@ class Ingress:
     RETRY_BACKOFF_S = (0.25, 1.0)  # wait before retry 1, 2, ...
     UNAVAILABLE_RETRY_AFTER_S = 5  # Retry-After of the 503 when the retries are spent
 
-    def __init__(self, cfg: ServeConfig, engine: Any, ttt: Any, api_key: str | None, tokenizer: Any):
+    def __init__(self, cfg: ServeConfig, engine: Any, ttt: Any, api_key: str | None, tokenizer: Any,
+                 plain_engine: Any = None):
         self.cfg = cfg
         self.engine = engine
+        # Handle for requests without an adapter (the deployment passes one that calls over gRPC); TTT requests,
+        # whose adapter tensors can be megabytes, go through ``engine`` (Ray's object store).
+        self.plain_engine = plain_engine if plain_engine is not None else engine
         self.ttt = ttt
         self.api_key = api_key
         self.tokenizer = tokenizer
@@ -182,10 +193,13 @@ class Ingress:
         self._warmup_error: str | None = None
 
     def _count_tokens(self, req: GenRequest) -> int:
+        """Render and tokenise the prompt (once: the ids travel in ``req.prompt_token_ids`` and the engine uses them
+        as they are) and return its length."""
         from finemed_ray.serving.engines import prompt_ids
 
         try:
-            return len(prompt_ids(self.tokenizer, req))
+            req.prompt_token_ids = list(prompt_ids(self.tokenizer, req))
+            return len(req.prompt_token_ids)
         except Exception as e:
             from jinja2 import TemplateError
 
@@ -287,7 +301,7 @@ class Ingress:
             request_id=new_id("req"),
             messages=[{"role": m.role, "content": m.content} for m in body.messages] if chat else None,
             prompt=None if chat else body.prompt, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, stop=body.stops(), seed=body.seed)
+            top_p=top_p, stop=body.stops(), seed=body.seed, ignore_eos=bool(body.ignore_eos))
         n_prompt = self._count_tokens(req)
         if n_prompt + max_tokens > self.cfg.model.max_model_len:
             raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
@@ -344,7 +358,7 @@ class Ingress:
         holder: dict[str, Any] = {}
 
         async def first():
-            holder["gen"] = gen = self.engine.options(stream=True).stream.remote(req)
+            holder["gen"] = gen = self._engine_for(req).options(stream=True).stream.remote(req)
             try:
                 return await gen.__anext__()
             except StopAsyncIteration:
@@ -408,10 +422,14 @@ class Ingress:
             return StreamingResponse(self._sse(first, gen, body.model, chat, info, body.include_usage()),
                                      media_type="text/event-stream", headers=self._retry_header(retries))
         res: GenResult
-        res, retries = await self._retrying(lambda: self.engine.generate.remote(req), "generation", req.request_id)
+        res, retries = await self._retrying(lambda: self._engine_for(req).generate.remote(req), "generation",
+                                            req.request_id)
         respond = chat_response if chat else completion_response
         return JSONResponse(respond(body.model, res.text, res.finish_reason, res.prompt_tokens, res.completion_tokens,
                                     info), headers=self._retry_header(retries))
+
+    def _engine_for(self, req: GenRequest) -> Any:
+        return self.engine if req.adapter is not None else self.plain_engine
 
     @staticmethod
     def _retry_header(retries: int) -> dict[str, str] | None:
@@ -445,15 +463,19 @@ class Ingress:
                 yield chunk({"role": "assistant", "content": ""}, None)
             async for event in events():
                 sent += 1
-                if "delta" in event:
-                    yield chunk({"content": event["delta"]} if chat else event["delta"], None)
-                else:
-                    yield chunk({} if chat else "", event["finish_reason"])
+                # An event is a chunk of text, the finish, or both (the engine sends tokens in chunks): one write.
+                out = []
+                if event.get("delta"):
+                    out.append(chunk({"content": event["delta"]} if chat else event["delta"], None))
+                if "finish_reason" in event:
+                    out.append(chunk({} if chat else "", event["finish_reason"]))
                     if include_usage:
-                        yield "data: " + json.dumps({"id": cid, "object": obj, "created": created, "model": model,
-                                                     "choices": [], "usage": usage(event["prompt_tokens"],
-                                                                                   event["completion_tokens"])}
-                                                    ) + "\n\n"
+                        out.append("data: " + json.dumps({"id": cid, "object": obj, "created": created,
+                                                          "model": model, "choices": [],
+                                                          "usage": usage(event["prompt_tokens"],
+                                                                         event["completion_tokens"])}) + "\n\n")
+                if out:
+                    yield "".join(out)
             yield "data: [DONE]\n\n"
         except Exception as e:  # headers are sent: report in-band, without internals
             if engine_failure(e) is not None:  # the replica died mid-stream: what was sent cannot be taken back
@@ -555,7 +577,10 @@ def _ingress_deployment():
 
             config = ServeConfig.model_validate(cfg)
             # Prompt length is checked here, not with a round trip to the engine: one RPC less per request.
-            self.ingress = Ingress(config, engine, ttt, api_key, load_tokenizer(config.model.path))
+            # Plain requests go to the engine over gRPC when tuned for throughput (what RAY_SERVE_USE_GRPC_BY_DEFAULT
+            # does for every handle): no object-store object per request or streamed chunk.
+            plain = engine.options(_by_reference=False) if config.tuning.throughput_optimized else None
+            self.ingress = Ingress(config, engine, ttt, api_key, load_tokenizer(config.model.path), plain_engine=plain)
 
         def __serve_build_asgi_app__(self):
             return create_app(self.ingress)
@@ -572,6 +597,26 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
     return None
 
 
+# What RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sets (ray/serve/_private/constants.py, Ray 2.60) that a replica reads at
+# start-up, so it can be set per deployment through its runtime_env on any cluster. The rest of that flag needs the
+# variable in the controller and proxies (direct ingress: ingress replicas serve HTTP themselves) or is applied per
+# handle instead (gRPC between deployments: ``_by_reference=False`` in the ingress).
+SERVE_THROUGHPUT_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # user code on the replica's main loop: no loop hop per call
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # the handle router (ingress -> engine) on that loop too
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",  # access-log lines buffered, not flushed one by one
+    "RAY_SERVE_LOG_TO_STDERR": "0",  # replica logs go to their files only
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",  # gc.freeze() after the constructor: the model is not rescanned
+}
+
+
+def _actor_options(cfg: ServeConfig, **options: Any) -> dict[str, Any]:
+    if cfg.tuning.throughput_optimized:
+        # Serve merges these env_vars with the application's runtime_env (theirs kept, ours added).
+        options["runtime_env"] = {"env_vars": dict(SERVE_THROUGHPUT_ENV)}
+    return options
+
+
 def build_app(cfg: ServeConfig):
     """The bound application (engine, optional TTT trainer, ingress) for ``serve.run`` / ``serve run``."""
     d = cfg.model_dump(mode="json")
@@ -584,15 +629,15 @@ def build_app(cfg: ServeConfig):
                             "initial_replicas": a.initial_replicas if a.initial_replicas is not None
                             else max(1, a.min_replicas)},
         max_ongoing_requests=a.max_ongoing_requests,
-        ray_actor_options={"num_cpus": res.engine_num_cpus, "num_gpus": res.engine_num_gpus},
+        ray_actor_options=_actor_options(cfg, num_cpus=res.engine_num_cpus, num_gpus=res.engine_num_gpus),
     ).bind(d)
     ttt = None
     if cfg.ttt.enabled:
         ttt = _ttt_deployment().options(
             name="ttt", num_replicas=cfg.ttt.replicas,
-            ray_actor_options={"num_cpus": cfg.ttt.num_cpus, "num_gpus": cfg.ttt.num_gpus},
+            ray_actor_options=_actor_options(cfg, num_cpus=cfg.ttt.num_cpus, num_gpus=cfg.ttt.num_gpus),
         ).bind(d)
     return _ingress_deployment().options(
         name="ingress", num_replicas=res.ingress_replicas, max_ongoing_requests=res.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": res.ingress_num_cpus},
+        ray_actor_options=_actor_options(cfg, num_cpus=res.ingress_num_cpus),
     ).bind(d, engine, ttt, resolve_api_key(cfg))

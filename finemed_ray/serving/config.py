@@ -110,6 +110,17 @@ class ServeResources(StrictModel):
     )
 
 
+class ServeTuningSection(StrictModel):
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="Streaming: the engine sends the first token at once, then the tokens of each window "
+        "of this many ms as one chunk (one Ray object and one SSE event, not one per token); 0 = one per token.")
+    throughput_optimized: bool = Field(
+        True, description="Ray Serve's throughput-optimised settings (what RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sets) "
+        "that work per replica: user code and the handle router on the replica's main event loop, buffered request "
+        "logs, no replica log to stderr, gc frozen after start-up, and gRPC (not the object store) for ingress -> "
+        "engine calls of plain requests. Direct ingress, the rest of that flag, needs the cluster-wide variable.")
+
+
 class ServeHttpSection(StrictModel):
     host: str = Field("127.0.0.1", description="Bind address of Serve's HTTP proxy (0.0.0.0 in a cluster).")
     port: int = Field(8000, ge=1, le=65535, description="Port of Serve's HTTP proxy.")
@@ -130,5 +141,6 @@ class ServeConfig(StrictModel):
     limits: LimitsSection = Field(default_factory=LimitsSection, description="Request limits (4xx above them).")
     security: SecuritySection = Field(default_factory=SecuritySection, description="Optional API key.")
     resources: ServeResources = Field(default_factory=ServeResources, description="Replica resources.")
+    tuning: ServeTuningSection = Field(default_factory=ServeTuningSection, description="Streaming and Serve tuning.")
     http: ServeHttpSection = Field(default_factory=ServeHttpSection, description="Serve HTTP proxy.")
     ray: ServeRaySection = Field(default_factory=ServeRaySection, description="Which Ray cluster.")

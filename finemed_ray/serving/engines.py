@@ -46,6 +46,10 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     adapter: dict[str, Any] | None = None  # AdapterPayload: {"id", "r", "alpha", "tensors": {peft key: ndarray}}
+    ignore_eos: bool = False  # generate max_tokens tokens: EOS does not end the answer (stop strings still do)
+    # The prompt as token ids, when the ingress has already rendered and tokenised it (it must, to check the context
+    # length): the engine then uses them as they are instead of applying the chat template and tokenising again.
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -57,12 +61,82 @@ class GenResult:
 
 
 def prompt_ids(tokenizer: Any, req: GenRequest) -> list[int]:
-    """Token ids of a chat request (rendered with the chat template and its generation prompt) or a raw prompt."""
+    """Token ids of a chat request (rendered with the chat template and its generation prompt) or a raw prompt;
+    ``req.prompt_token_ids`` when the caller has set them (the ingress tokenises each request once)."""
+    if req.prompt_token_ids is not None:
+        return req.prompt_token_ids
     if req.messages is not None:
         text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
     else:
         text = req.prompt or ""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def merge_events(into: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any]:
+    """Two stream events as one: text deltas concatenated, the finish event's fields added."""
+    if into is None:
+        return dict(event)
+    out = {**into, **event}
+    if "delta" in into or "delta" in event:
+        out["delta"] = into.get("delta", "") + event.get("delta", "")
+    return out
+
+
+async def coalesce(events: AsyncIterator[dict[str, Any]], interval_s: float) -> AsyncIterator[dict[str, Any]]:
+    """The stream ``events`` (``{"delta": text}`` ... then ``{"finish_reason", "prompt_tokens",
+    "completion_tokens"}``) in fewer, larger events: the first event as soon as it comes (time to first token is
+    unchanged), then everything that arrives within each ``interval_s`` window merged into one event
+    (:func:`merge_events`; the finish fields join the last chunk), sent at the window's end or with the finish.
+    Nothing is held back when the stream ends. ``interval_s <= 0``: every event as it comes.
+
+    Each event a Serve streaming deployment yields is one Ray object (or gRPC message) to the caller; per-token
+    events cost one object per token per request."""
+    if interval_s <= 0:
+        async for event in events:
+            yield event
+        return
+    loop = asyncio.get_running_loop()
+    source = events.__aiter__()
+
+    async def next_event() -> dict[str, Any]:
+        return await source.__anext__()
+
+    pending: asyncio.Task | None = None
+    buf: dict[str, Any] | None = None
+    deadline = 0.0
+    first = True
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(next_event())
+            if buf is not None:
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, deadline - loop.time()))
+                if not done:  # the window is over: send what it gathered
+                    out, buf = buf, None
+                    yield out
+                    continue
+            try:
+                event = await pending
+            except StopAsyncIteration:
+                pending = None
+                break
+            pending = None
+            if buf is None:
+                deadline = loop.time() + interval_s
+            buf = merge_events(buf, event)
+            if first or "finish_reason" in buf:
+                out, buf, first = buf, None, False
+                yield out
+        if buf is not None:
+            yield buf
+    finally:
+        if pending is not None and not pending.done():
+            # The consumer went away mid-stream: cancelling the read cancels the source where it waits (vLLM then
+            # aborts the request) and the source's own cleanup runs in that task.
+            pending.cancel()
+        elif hasattr(source, "aclose"):
+            with contextlib.suppress(Exception):
+                await source.aclose()
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -132,7 +206,7 @@ class HFEngine:
         results = []
         for r, row, p in zip(reqs, rows, ids):
             row = row[: r.max_tokens]
-            n = next((j + 1 for j, t in enumerate(row) if t in self.stop_ids), None)
+            n = None if r.ignore_eos else next((j + 1 for j, t in enumerate(row) if t in self.stop_ids), None)
             finish = "stop" if n is not None else "length"
             toks = row[:n] if n is not None else row
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
@@ -196,7 +270,7 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              stop=req.stop or None, seed=req.seed,
+                              stop=req.stop or None, seed=req.seed, ignore_eos=req.ignore_eos,
                               output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
 
     async def _iterate(self, req: GenRequest, delta: bool) -> AsyncIterator[Any]:

@@ -16,12 +16,13 @@ JSON ``{"error": {"message", "type", "param", "code"}}``, ``param`` naming the o
   ``max_completion_tokens`` (not both with different values), ``temperature`` [0, 2], ``top_p`` (0, 1], ``n`` (1 only:
   the engines return one choice; the ingress refuses larger n), ``stream``, ``stream_options`` (only with
   ``stream: true``; ``include_usage``; ``include_obfuscation`` false/null only), ``stop`` (a non-empty string or a
-  list of at most ``MAX_STOP`` non-empty strings), ``seed`` (0 <= seed < 2**63: vLLM keeps seeds in int64, ``torch.manual_seed`` rejects larger ones), and
+  list of at most ``MAX_STOP`` non-empty strings), ``ignore_eos`` (vLLM's extension: true generates ``max_tokens``
+  tokens whatever EOS says; benchmark clients such as ``vllm bench serve`` send it), ``seed`` (0 <= seed < 2**63: vLLM keeps seeds in int64, ``torch.manual_seed`` rejects larger ones), and
   ours, ``ttt`` (``{"k", "steps"}``).
 * **OpenAI fields we do not implement** are declared, so the error names them, and accepted only with a value that
   changes nothing (their default); any other value is a 400 naming the field (``NOOP`` of each model lists them):
   ``presence_penalty`` / ``frequency_penalty`` (range [-2, 2] is checked first; then only 0: the engines apply no
-  penalties), ``logit_bias`` ({}), ``ignore_eos`` (false), ``service_tier`` ("auto", "default"); chat: ``logprobs``
+  penalties), ``logit_bias`` ({}), ``service_tier`` ("auto", "default"); chat: ``logprobs``
   (false), ``top_logprobs`` (0), ``response_format`` ({"type": "text"}), ``tools`` / ``functions`` ([]),
   ``tool_choice`` / ``function_call`` ("none"), ``parallel_tool_calls`` (either: without tools it has no effect),
   ``store`` (false), ``metadata`` ({}); completions: ``logprobs`` (null only), ``echo`` (false), ``best_of`` (1),
@@ -163,7 +164,7 @@ _StopInput = _NonEmpty | Annotated[list[_NonEmpty], Field(max_length=MAX_STOP)] 
 class _Sampling(_NoOps):
     model_config = STRICT
     NOOP: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "logit_bias": (({},), "{} or null"), "ignore_eos": ((False,), "false or null"),
+        "logit_bias": (({},), "{} or null"),
         "service_tier": (("auto", "default"), '"auto", "default" or null')}
     model: str = Field(min_length=1, description="The served model id, or '<id>:ttt' for test-time training.")
     max_tokens: int | None = Field(None, ge=1)
@@ -178,7 +179,8 @@ class _Sampling(_NoOps):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0: no penalties are applied.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0: no penalties are applied.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: {} or null only.")
-    ignore_eos: Literal[False] | None = None
+    ignore_eos: bool | None = Field(None, description="vLLM's extension: true = generate max_tokens tokens, EOS "
+                                    "does not end the answer (stop strings still do).")
     service_tier: Literal["auto", "default"] | None = None
     user: str | None = Field(None, max_length=512, description="Identifies the caller; not used.")
     safety_identifier: str | None = Field(None, max_length=512, description="Identifies the caller; not used.")
