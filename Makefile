@@ -50,7 +50,7 @@ test-slow: install
 test-all: install
 	$(PY) -m pytest -m ""
 
-# GRPO's learning proof (~25 min on 2 cores, too long for the demo): recipe up to reasoning SFT, then GRPO; held-out
+# GRPO's learning proof (12-20 min on 2 cores, too long for the demo): recipe up to reasoning SFT, then GRPO; held-out
 # reasoning-mode accuracy before and after, McNemar's exact test (tests/test_grpo.py, also in `make test-slow`).
 .PHONY: grpo-proof
 grpo-proof: install

@@ -15,8 +15,9 @@ def config_classes() -> dict[str, type]:
     from finemed_ray.ttt.config import IndexJobConfig
     from finemed_ray.eval.config import EvalJobConfig
     from finemed_ray.serving.config import ServeConfig
+    from finemed_ray.train.grpo import GRPOJobConfig
 
-    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "recipe": RecipeConfig, "synth": SynthJobConfig,
+    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "grpo": GRPOJobConfig, "recipe": RecipeConfig, "synth": SynthJobConfig,
             "eval": EvalJobConfig, "index": IndexJobConfig, "serve": ServeConfig}
 
 

@@ -611,12 +611,18 @@ def prepare_sft(input_uri: str, tokenizer_path: str, out_uri: str, max_length: i
     if not storage.list_files(prepared_uri, suffixes=(".parquet",)):  # Ray Data writes no file for 0 rows
         raise DataError(f"{input_uri}: the dataset is empty (no rows in {_some(files)})")
     summary = PrepareSummary(input_uri=input_uri, prepared_uri=prepared_uri, quarantine_uri=quarantine_uri)
-    tally_prepared(prepared_uri, PREPARED_SCHEMA, summary)
+    return finish_prepare(summary, PREPARED_SCHEMA, selection, t0)
+
+
+def finish_prepare(summary: Any, schema: pa.Schema, selection: RowSelection, t0: float, what: str = "rows") -> Any:
+    """The tail of every prepare step: count the prepared rows, write the quarantine, check that something is
+    left to train on."""
+    tally_prepared(summary.prepared_uri, schema, summary)
     if summary.rows_quarantined:
-        write_quarantine(prepared_uri, quarantine_uri, input_uri)
+        write_quarantine(summary.prepared_uri, summary.quarantine_uri, summary.input_uri)
     summary.seconds = round(time.time() - t0, 3)
     check_readable(summary)
-    check_selected(summary, selection)
+    check_selected(summary, selection, what=what)
     return summary
 
 

@@ -1,9 +1,10 @@
 """A training recipe: stages run in sequence, each starting from the previous stage's export.
 
 FineMedLM-o1's recipe: three curriculum SFT stages (all medical data -> one primary department -> one secondary
-department), reasoning SFT on long Thought/Summarization answers, then DPO. A recipe is a shared ``defaults``
-config plus per-stage overrides; every stage is an ordinary ``SFTJob``/``DPOJob`` (so each also runs alone
-through ``jobs.sft``/``jobs.dpo``) and writes its own export with its parent recorded.
+department), reasoning SFT on long Thought/Summarization answers, then DPO (or GRPO: ``kind: grpo``). A recipe is a
+shared ``defaults`` config plus per-stage overrides; every stage is an ordinary ``SFTJob``/``DPOJob``/``GRPOJob`` (so
+each also runs alone through ``jobs.sft``/``jobs.dpo``/``jobs.grpo``) and writes its own export with its parent
+recorded.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from finemed_ray import storage
 from finemed_ray.config import StrictModel, validate
 from finemed_ray.errors import ConfigError
 from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
+from finemed_ray.train.grpo import GRPOJobConfig
 
 
-STAGE_KINDS = {"sft": SFTJobConfig, "dpo": DPOJobConfig}
+STAGE_KINDS = {"sft": SFTJobConfig, "dpo": DPOJobConfig, "grpo": GRPOJobConfig}
 
 
 class StageSpec(StrictModel):
     name: str = Field(description="Stage name; run name <recipe>-<stage> and export <export_root>/<stage>.")
-    kind: str = Field("sft", description="Stage type: 'sft' (curriculum or reasoning SFT) or 'dpo'.")
+    kind: str = Field("sft", description="Stage type: 'sft' (curriculum or reasoning SFT), 'dpo' or 'grpo'.")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Nested SFT config keys changed for this stage, e.g. data.department."
     )
@@ -50,12 +52,12 @@ class RecipeConfig(StrictModel):
     base_model: str = Field(description="Model the first stage starts from (local, s3:// or hub id).")
     export_root: str = Field(description="Stage exports go to <export_root>/<stage name> (local or s3://).")
     defaults: dict[str, Any] = Field(
-        description="Config shared by all stages (keys of configs/sft_*.yaml, minus model/output; dpo keys go "
-        "in a DPO stage's overrides)."
+        description="Config shared by all stages (keys of configs/sft_*.yaml, minus model/output; dpo/grpo keys "
+        "go in a DPO/GRPO stage's overrides)."
     )
     stages: list[StageSpec] = Field(min_length=1, description="Stages in order; each starts from the last export.")
 
-    def stage_configs(self) -> list[SFTJobConfig]:  # DPOJobConfig for kind 'dpo'
+    def stage_configs(self) -> list[SFTJobConfig]:  # DPOJobConfig / GRPOJobConfig for kinds 'dpo' / 'grpo'
 
         """Validate every stage up front, so a typo in stage 3 fails before stage 1 trains."""
         names = [s.name for s in self.stages]
@@ -84,7 +86,10 @@ def _deep_update(base: dict, update: dict) -> None:
 
 def run_recipe(recipe: RecipeConfig, only: list[str] | None = None) -> dict[str, Any]:
     """Run the stages (all, or the named ones: a later stage alone needs its parent's export to exist)."""
+    from finemed_ray.train.grpo import GRPOJob
     from finemed_ray.train.sft import DPOJob, SFTJob
+
+    jobs = {"sft": SFTJob, "dpo": DPOJob, "grpo": GRPOJob}
 
     t0 = time.time()
     results = []
@@ -93,7 +98,7 @@ def run_recipe(recipe: RecipeConfig, only: list[str] | None = None) -> dict[str,
             continue
         if spec is not recipe.stages[0]:
             _check_parent(cfg)  # before any compute: a missing or half-written parent export
-        job = (DPOJob if spec.kind == "dpo" else SFTJob)(cfg)
+        job = jobs[spec.kind](cfg)
         job.stage = f"{spec.kind}:{spec.name}"
         job.setup()
         job.run()
