@@ -69,9 +69,20 @@ class StepPlan:
         return dict(self.__dict__)
 
 
-def plan_steps(rows_valid: int, cfg: SFTJobConfig) -> StepPlan:
-    """``rows_valid``: the training rows (valid, selected, not held out for eval)."""
+def plan_steps(rows_valid: int, cfg: SFTJobConfig, order: Any = None) -> StepPlan:
+    """``rows_valid``: the training rows (valid, selected, not held out for eval). With the run's ``DataOrder``
+    (``finemed_ray.train.resume``) the plan follows it on ``cfg.scaling.num_workers`` workers, which may differ from
+    the order's split count; ``rows_per_worker`` is then rank 0's rows per epoch."""
     workers = cfg.scaling.num_workers
+    if order is not None:
+        return StepPlan(
+            rows_valid,
+            order.worker_rows_before(order.steps_per_epoch, workers, 0),
+            rows_valid - order.splits * order.rows_per_split,
+            order.global_batch // workers,
+            order.steps_per_epoch,
+            cfg.train.max_steps or order.steps_per_epoch * cfg.train.epochs,
+        )
     per_worker = rows_valid // workers
     if per_worker == 0:
         raise FinemedError(
@@ -143,7 +154,12 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
 
     from finemed_ray.models.loading import load_tokenizer, resolve_model_path
     from finemed_ray.train.export import finalize_export, loss_history
-    from finemed_ray.train.ray_shard import RayShardDataLoaderMixin, ShardSource, shard_to_iterable_dataset
+    from finemed_ray.train.ray_shard import (
+        OrderedSource,
+        RayShardDataLoaderMixin,
+        ShardSource,
+        shard_to_iterable_dataset,
+    )
     from finemed_ray.train.lora import lora_config
     from finemed_ray.train.packing import (
         check_packing_attention,
@@ -151,7 +167,15 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         packing_sft_config_kwargs,
         resolve_pack_length,
     )
-    from finemed_ray.train.resume import DataPosition, DataPositionCallback, ResumeLoadedCallback
+    from finemed_ray.train.resume import (
+        DataOrder,
+        DataPosition,
+        DataPositionCallback,
+        ResumeLoadedCallback,
+        UniversalLoadFixCallback,
+        convert_to_universal,
+        global_sequence,
+    )
 
     class RaySFTTrainer(RayShardDataLoaderMixin, SFTTrainer):
         pass
@@ -174,6 +198,25 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
     model_dir = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
     work = Path(tempfile.mkdtemp(prefix=f"finemed-{cfg.run.name}-r{rank}-"))
+    order = DataOrder.from_dict(loop_cfg["order"])
+
+    # A restarted worker (FailureConfig) or a re-run with the same run name gets the last reported checkpoint.
+    resume_dir, resumed_from, position, universal_dir = None, None, None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        local = work / "resume"
+        # The download goes through the run's RetryingS3FileSystem: a transient outage is waited out here.
+        checkpoint.to_directory(str(local))
+        resume_dir = local / RayTrainReportCallback.CHECKPOINT_NAME
+        position = DataPosition.load(resume_dir)
+        position.check_order(world, order, loop_cfg["plan"])
+        resumed_from = position.global_step
+        if position.world_size != world and ds_config is not None:
+            # ZeRO shards are per data-parallel rank: another worker count loads DeepSpeed's universal checkpoint.
+            universal_dir = convert_to_universal(resume_dir)
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        log.warning("rank %d: resuming from step %d (epoch %d) written by %d workers, on %d workers", rank,
+                    position.global_step, position.epoch, position.world_size, world)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
     t = cfg.train
     bf16 = cfg.model.dtype == "bfloat16"
@@ -231,9 +274,11 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
 
     eos = tokenizer.eos_token_id
     columns = ("prompt_ids", "chosen_ids", "rejected_ids") if kind == "dpo" else ("input_ids", "labels")
-    source = ShardSource(
-        ray.train.get_dataset_shard("train"), probe_example={c: [eos] for c in columns}, columns=columns,
-        shuffle_buffer=cfg.data.shuffle_buffer, shuffle_seed=f"{cfg.run.seed}:rank{rank}",
+    # This worker's rows of the run's global order (same rows and order as a per-worker shard when the worker
+    # count is the order's; any other count gets the same global steps, sliced differently).
+    source = OrderedSource(
+        ray.train.get_dataset_shard("train"), order, world, rank, probe_example={c: [eos] for c in columns},
+        columns=columns, shuffle_buffer=cfg.data.shuffle_buffer, seed=str(cfg.run.seed),
     )
     features = datasets.Features({c: datasets.List(datasets.Value("int32")) for c in columns})
     eval_source = None
@@ -244,22 +289,10 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         dist.all_gather_object(out, obj)
         return out
 
-    # A restarted worker (FailureConfig) or a re-run with the same run name gets the last reported checkpoint.
-    resume_dir, resumed_from = None, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        local = work / "resume"
-        # The download goes through the run's RetryingS3FileSystem: a transient outage is waited out here.
-        checkpoint.to_directory(str(local))
-        resume_dir = local / RayTrainReportCallback.CHECKPOINT_NAME
-        position = DataPosition.load(resume_dir)
-        position.check_compatible(world, loop_cfg["plan"])
-        source.resume(position.epoch, position.rows_in_epoch[rank], position.epoch_digest[rank],
-                      position.seen_ids[rank])
-        resumed_from = position.global_step
-        log.warning("rank %d: resuming from step %d (epoch %d, %d rows of it trained)", rank,
-                    position.global_step, position.epoch, position.rows_in_epoch[rank])
+    if position is not None:
+        source.resume(position)
     resume_loaded = ResumeLoadedCallback()
+    universal_fix = [UniversalLoadFixCallback(universal_dir)] if universal_dir else []
     trainer_kwargs: dict[str, Any] = {}
     if kind == "sft" and t.packing:
         pack_length = resolve_pack_length(t.pack_length, cfg.data.max_length,
@@ -281,7 +314,8 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
         peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
         **trainer_kwargs,
         callbacks=[
-            DataPositionCallback(source, loop_cfg["plan"], rank, world, gather),  # before the upload below
+            *universal_fix,  # first: per-group optimizer settings back before anything reads them
+            DataPositionCallback(source, loop_cfg["plan"], rank, world, gather, order=order),  # before the upload
             RayTrainReportCallback(),
             resume_loaded,
         ],
@@ -334,7 +368,9 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
             lora_info = check_adapter(adapter_local)  # refuses an empty adapter (TRL#4416)
             merge_adapter(model_dir, adapter_local, export_local, cfg.model.dtype)
         tokenizer.save_pretrained(str(export_local))
-        all_ids = [i for s in seen for i in s["ids"]]
+        # Every id trained, all attempts and worker counts, in the run's global order.
+        all_ids = source.seen_before + global_sequence(order, world, [s["ids"] for s in seen],
+                                                       source.world_start_step, trainer.state.global_step)
         history = loss_history(trainer.state.log_history)
         finalize_export(
             export_local,
@@ -350,6 +386,8 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
                 "world_size": world,
                 "global_step": trainer.state.global_step,
                 "resumed_from_step": resumed_from,
+                "resumed_from_world_size": position.world_size if position is not None else None,
+                "data_order": order.to_dict(),
                 "lora": lora_info,
                 "train_seconds": round(train_seconds, 3),
                 "train_loss": train_output.training_loss,
@@ -367,9 +405,10 @@ def sft_train_loop(loop_cfg: dict[str, Any]) -> None:
             },
         )
         # Which rows each rank trained on, for audits and for checking resume/filters (ids only, no text).
+        # per_rank: since this worker count took over (world_start_step); global: everything, in order.
         storage.write_json(
             storage.join(cfg.run.storage_path, cfg.run.name, "samples_seen.json"),
-            {"per_rank": [s["ids"] for s in seen]},
+            {"per_rank": [s["ids"] for s in seen], "world_start_step": source.world_start_step, "global": all_ids},
         )
         tb = work / "tensorboard"
         if tb.is_dir():
@@ -426,13 +465,16 @@ class SFTJob:
         cfg = self.cfg
         selection = RowSelection(cfg.data.department, cfg.data.subdepartment, cfg.data.eval_fraction)
         summary = self._reusable_prepared_data()
+        resuming = summary is not None
         if summary is None:
             summary = self.prepare(selection)
             storage.write_json(self._prepare_record_uri(), {"fingerprint": self._data_fingerprint(),
                                                             "summary": summary.to_dict()})
         self.prepare_summary = summary.to_dict()
         log.info("prepared data: %s", json.dumps(self.prepare_summary))
-        self.plan = plan_steps(summary.rows_train, cfg)
+        order = self._data_order(summary.rows_train, resuming)
+        cfg = self.cfg  # gradient_accumulation_steps may have been fitted to the run's global batch
+        self.plan = plan_steps(summary.rows_train, cfg, order)
         datasets = {"train": self.read_prepared(summary.prepared_uri, "train")}
         if summary.rows_eval:
             if summary.rows_eval < cfg.scaling.num_workers:
@@ -453,6 +495,7 @@ class SFTJob:
                 "stage": self.stage,
                 "kind": self.kind,
                 "has_eval": "eval" in datasets,
+                "order": order.to_dict(),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
@@ -469,7 +512,8 @@ class SFTJob:
             ),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
             datasets=datasets,
-            dataset_config=DeterministicSplitDataConfig(),  # same rows per rank on restart: exact resume
+            # The run's order splits, whatever the worker count: exact resume on the same or another count.
+            dataset_config=DeterministicSplitDataConfig(splits={"train": order.splits}),
         )
         try:
             self.result = trainer.fit()
@@ -495,6 +539,37 @@ class SFTJob:
         from finemed_ray.data.sft_prepare import PrepareSummary
 
         return PrepareSummary
+
+    def _data_order(self, rows_train: int, resuming: bool):
+        """The run's global row order (``finemed_ray.train.resume.DataOrder``): set at its first start and kept in
+        ``<run>/data_order.json``; a run resumed on another worker count keeps it and its global batch, with
+        ``train.gradient_accumulation_steps`` recomputed (and logged) for the new count."""
+        from finemed_ray.train.resume import ORDER_FILE, DataOrder
+
+        cfg = self.cfg
+        uri = storage.join(self.run_uri, ORDER_FILE)
+        if resuming and storage.exists(uri):
+            order = DataOrder.from_dict(storage.read_json(uri))
+        else:  # a fresh run, or one whose checkpoints predate the order file: the order is today's split
+            t = cfg.train
+            try:
+                order = DataOrder.first_start(rows_train, cfg.scaling.num_workers, t.per_device_batch_size,
+                                              t.gradient_accumulation_steps)
+            except FinemedError as e:
+                raise FinemedError(f"{cfg.data.path}: {e}") from None
+            storage.write_json(uri, order.to_dict())
+        ga = order.fit(cfg.scaling.num_workers, cfg.train.per_device_batch_size)
+        if ga != cfg.train.gradient_accumulation_steps:
+            log.warning(
+                "run %s keeps its global batch of %d rows per optimizer step on %d workers: "
+                "train.gradient_accumulation_steps %d -> %d (train.per_device_batch_size=%d)", cfg.run.name,
+                order.global_batch, cfg.scaling.num_workers, cfg.train.gradient_accumulation_steps, ga,
+                cfg.train.per_device_batch_size,
+            )
+            cfg = cfg.model_copy(deep=True)
+            cfg.train.gradient_accumulation_steps = ga
+            self.cfg = cfg
+        return order
 
     # Resume support: a run that already has checkpoints must train on exactly the rows it was prepared with.
     def _prepare_record_uri(self) -> str:
