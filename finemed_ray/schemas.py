@@ -17,8 +17,10 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from finemed_ray.mcq import OPTION_LETTERS as OPTION_LETTERS  # re-exported: the letters live with the MCQ reader
+from finemed_ray.mcq import parse_item
+
 ROLES = ("system", "user", "assistant")
-OPTION_LETTERS = "ABCDEFGHIJ"
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
@@ -160,36 +162,17 @@ def validate_seed_row(row: Any) -> str | None:
 
 
 def normalize_mcq(row: Any) -> dict:
-    """MedQA-style JSON (``options`` as a ``{letter: text}`` dict, ``realidx``) -> a ``MCQ_SCHEMA`` row.
+    """A benchmark row (MedQA-style, read by :func:`finemed_ray.mcq.parse_item`: options as a ``{letter: text}``
+    dict or ``[{key, text}]``, 2..10 letters from A, id from ``realidx``/``id``) -> a ``MCQ_SCHEMA`` row.
     Raises ``ValueError`` naming the field when the row does not fit."""
     if not isinstance(row, dict):
         raise ValueError(f"row: expected a JSON object, got {type(row).__name__}")
-    q = row.get("question")
-    if not _is_nonempty_str(q):
-        raise ValueError("question: missing or empty")
-    opts = row.get("options")
-    if isinstance(opts, dict):
-        pairs = [(str(k), v) for k, v in opts.items()]
-    elif isinstance(opts, list) and all(isinstance(o, dict) and {"key", "text"} <= set(o) for o in opts):
-        pairs = [(str(o["key"]), o["text"]) for o in opts]
-    else:
-        raise ValueError("options: expected a {letter: text} mapping")
-    keys = [k.strip().upper() for k, _ in pairs]
-    if not 2 <= len(keys) <= len(OPTION_LETTERS):
-        raise ValueError(f"options: expected 2..{len(OPTION_LETTERS)} options, got {len(keys)}")
-    if keys != list(OPTION_LETTERS[: len(keys)]):
-        raise ValueError(f"options: keys must be consecutive letters from A, got {keys}")
-    if not all(isinstance(v, str) for _, v in pairs):
-        raise ValueError("options: every option text must be a string")
-    gold = row.get("answer_idx")
-    if not isinstance(gold, str) or gold.strip().upper() not in keys:
-        raise ValueError(f"answer_idx: {gold!r} is not one of the option letters {keys}")
-    rid = row.get("id", row.get("realidx"))
+    item = parse_item(row)
     return {
-        "id": None if rid is None else str(rid),
-        "question": q,
-        "options": [{"key": k, "text": v} for k, (_, v) in zip(keys, pairs)],
-        "answer_idx": gold.strip().upper(),
+        "id": item.id,
+        "question": item.question,
+        "options": [{"key": k, "text": v} for k, v in item.options.items()],
+        "answer_idx": item.answer,
         "answer": row.get("answer") if isinstance(row.get("answer"), str) else None,
         "subject": row.get("subject") if isinstance(row.get("subject"), str) else None,
     }

@@ -12,8 +12,9 @@ import pytest
 
 from finemed_ray.data.sample import DEPARTMENTS
 from finemed_ray.errors import DataError
+from finemed_ray.mcq import read_rows
 from finemed_ray.synth import prompts
-from finemed_ray.synth.decontam import Decontaminator, normalize_words, read_benchmark_rows
+from finemed_ray.synth.decontam import Decontaminator, normalize_words
 from finemed_ray.synth.parsing import (
     format_reasoning,
     parse_answer,
@@ -618,16 +619,16 @@ def test_decontam_file_formats(tmp_path):
     pqal.write_text(json.dumps({"2112": {"QUESTION": "Is it?", "CONTEXTS": [q2[:60], q2[60:]]}}))
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text("not json\n\n" + json.dumps({"question": q3}) + "\n[1]\n")
-    rows, bad = read_benchmark_rows(jsonl.read_text())
-    assert len(rows) == 1 and bad == 2
+    entries = read_rows(jsonl.read_text())
+    assert [(e.number, e.error is None) for e in entries] == [(1, False), (3, True), (4, False)]
     d = Decontaminator.from_files(
         {"arr": str(as_array), "pqal": str(pqal), "lines": str(jsonl)},
         fields={"pqal": ["QUESTION", "contexts"]},
     )
     assert d.check(q1) == "contaminated:arr:x1"
     assert d.check(q2.upper()) == "contaminated:pqal:2112"
-    assert d.check(q3) == "contaminated:lines:#0"  # no id field: position among the file's objects
-    assert d.matches(" ".join([q3, q1])) == [("lines", "#0"), ("arr", "x1")]
+    assert d.check(q3) == "contaminated:lines:3"  # no id field: its line number, as evaluation names it
+    assert d.matches(" ".join([q3, q1])) == [("lines", "3"), ("arr", "x1")]
     assert d.stats["per_benchmark"]["lines"]["bad_lines"] == 2
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

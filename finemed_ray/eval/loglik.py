@@ -31,7 +31,7 @@ Continuation builders (``build_continuations(item) -> list[str]``, one string pe
   All four are true, trained sentences; only the question says which one answers it, so this measures whether
   a model understands (held-out) question wordings.
 * :func:`benchmark_continuations` -- generic benchmark MCQ (MedQA / MedMCQA / PubMedQA / MMLU rows, raw or
-  normalised by :func:`finemed_ray.schemas.normalize_mcq`): ``"The answer is B. <option text>"``. Pair it with
+  read by :func:`finemed_ray.mcq.parse_item`): ``"The answer is B. <option text>"``. Pair it with
   :func:`benchmark_prompt`, which lists the lettered options in the question. Letter *and* text are scored
   because the letter alone is one token whose probability mostly reflects letter bias, and the text alone ignores
   the listed options; a chat model asked to pick an option naturally says both. The shared ``"The answer is "``
@@ -54,6 +54,7 @@ from typing import Any, Literal
 from finemed_ray.data.sample import DEFAULT_SYSTEM_PROMPT
 from finemed_ray.data.tokenize import with_system_prompt
 from finemed_ray.errors import DataError
+from finemed_ray.mcq import MCQItem, parse_item, row_id
 
 log = logging.getLogger(__name__)
 
@@ -203,34 +204,27 @@ def score_choices(
 
 
 # ----------------------------------------------------------------------------------------------- MCQ items
-def mcq_options(item: Any) -> list[tuple[str, str]]:
-    """``[(letter, text), ...]`` of an MCQ item (options as a ``{letter: text}`` dict or a ``[{key, text}]``
-    list, as :func:`finemed_ray.schemas.normalize_mcq` accepts); DataError for fewer than 2 options."""
-    from finemed_ray.schemas import normalize_mcq
-
+def _mcq(item: Any) -> MCQItem:
     try:
-        row = normalize_mcq(item)
+        return parse_item(item)
     except ValueError as exc:
         raise DataError(f"MCQ item {_item_name(item)}: {exc}") from exc
-    return [(o["key"], o["text"]) for o in row["options"]]
+
+
+def mcq_options(item: Any) -> list[tuple[str, str]]:
+    """``[(letter, text), ...]`` of an MCQ item (options as a ``{letter: text}`` dict or a ``[{key, text}]``
+    list, read by :func:`finemed_ray.mcq.parse_item`); DataError naming the item and field when it is unusable."""
+    return list(_mcq(item).options.items())
 
 
 def mcq_gold(item: Any) -> str:
     """The gold option letter; DataError when it is not among the item's options."""
-    from finemed_ray.schemas import normalize_mcq
-
-    try:
-        return normalize_mcq(item)["answer_idx"]
-    except ValueError as exc:
-        raise DataError(f"MCQ item {_item_name(item)}: {exc}") from exc
+    return _mcq(item).answer
 
 
 def _item_name(item: Any) -> str:
-    if isinstance(item, dict):
-        for key in ("id", "realidx"):
-            if item.get(key) is not None:
-                return repr(str(item[key]))
-    return "(no id)"
+    rid = row_id(item) if isinstance(item, dict) else None
+    return "(no id)" if rid is None else repr(rid)
 
 
 def question_prompt(item: dict) -> list[dict]:

@@ -27,7 +27,6 @@ stable across processes (no ``hash()``), so a built index can be pickled and shi
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 import unicodedata
@@ -39,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from finemed_ray.errors import DataError
+from finemed_ray.mcq import read_rows, row_id
 
-__all__ = ["DEFAULT_FIELDS", "Decontaminator", "normalize_words", "read_benchmark_rows"]
+__all__ = ["DEFAULT_FIELDS", "Decontaminator", "normalize_words"]
 
 DEFAULT_FIELDS: tuple[str, ...] = ("question", "options")
-_ID_FIELDS = ("realidx", "id", "idx", "qid")
 _WORD = re.compile(r"[^\W_]+")
 
 _P = np.uint64(0x100000001B3)  # odd multiplier of the rolling hash (FNV-64 prime)
@@ -198,52 +197,9 @@ def _get(row: Mapping[str, Any], name: str) -> Any:
     return None
 
 
-def read_benchmark_rows(text: str) -> tuple[list[tuple[str | None, dict]], int]:
-    """Benchmark file text -> ``([(id_or_None, row), ...], bad_lines)``.
-
-    Accepted: JSONL (blank lines skipped, undecodable or non-object lines counted as bad), a JSON array of
-    objects, or a JSON object mapping id -> row (the original PubMedQA ``ori_pqal.json`` shape)."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError:
-            data = None
-        if isinstance(data, list):
-            rows = [(None, r) for r in data if isinstance(r, dict)]
-            return rows, len(data) - len(rows)
-    if stripped.startswith("{"):
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError:
-            data = None
-        if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
-            if not set(data) & {"question", "options"}:  # not a one-line JSONL whose options are a mapping
-                return [(str(k), v) for k, v in data.items()], 0
-    rows, bad = [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append((None, row))
-        else:
-            bad += 1
-    return rows, bad
-
-
 def _item_id(row: Mapping[str, Any], given: str | None, position: int) -> str:
-    if given is not None:
-        return given
-    for name in _ID_FIELDS:
-        v = row.get(name)
-        if v is not None and not isinstance(v, (dict, list)):
-            return str(v)
-    return f"#{position}"  # no id field: the 0-based position among the file's JSON objects
+    # In-memory rows without an id: their 0-based position. Files give every row its id as evaluation names it.
+    return given if given is not None else row_id(row, fallback=f"#{position}")
 
 
 # ------------------------------------------------------------------------------------------------- the index
@@ -329,15 +285,20 @@ class Decontaminator:
         chunk_words: int = 1 << 20,
     ) -> Decontaminator:
         """Index benchmark files: ``{"medqa": "path/or/s3://uri.jsonl", ...}`` read with
-        :func:`finemed_ray.storage.read_text` (a missing file raises ``StorageError``). A file with no usable
-        item raises ``DataError``; undecodable lines are skipped and counted in ``stats["per_benchmark"]``."""
+        :func:`finemed_ray.storage.read_text` (a missing file raises ``StorageError``) and
+        :func:`finemed_ray.mcq.read_rows` (JSONL, JSON array or id -> row object, as evaluation reads them); items
+        are named by :func:`finemed_ray.mcq.row_id` as evaluation names them (id field, else line number). Every
+        JSON object is indexed, valid MCQ or not. A file with no usable item raises ``DataError``; undecodable or
+        non-object lines are skipped and counted in ``stats["per_benchmark"]["bad_lines"]``."""
         from finemed_ray.storage import read_text
 
         t0 = time.perf_counter()
         loaded: dict[str, list[tuple[str | None, dict]]] = {}
         bad: dict[str, int] = {}
         for bench, uri in files.items():
-            rows, bad_lines = read_benchmark_rows(read_text(uri))
+            entries = read_rows(read_text(uri))
+            rows = [(row_id(e.value, key=e.key, fallback=str(e.number)), e.value) for e in entries if e.error is None]
+            bad_lines = len(entries) - len(rows)
             if not rows:
                 raise DataError(f"benchmark {bench!r} ({uri}): no JSON objects found ({bad_lines} bad lines)")
             loaded[bench] = rows
