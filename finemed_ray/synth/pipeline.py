@@ -681,8 +681,9 @@ class SynthesisPipeline:
         plan = [(step, self.teacher(step)[0], kinds, extra) for step, kinds, extra in self.plan()]
         teachers: dict[str, tuple[Any, Any]] = {}  # name -> (what a step task calls, identity)
         in_flight = 0
-        for _, name, _, _ in plan:
-            if name in teachers:
+        rm_judge = self.cfg.answers.judge == "reward_model"
+        for step, name, _, _ in plan:
+            if name in teachers or (step == "judge" and rm_judge):  # no engine for a teacher nothing calls
                 continue
             teacher = self.teachers[name]
             pool = self.engine_pool(name, teacher)
