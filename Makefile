@@ -57,11 +57,11 @@ grpo-proof: install
 	$(PY) -m pytest -m slow -s tests/test_grpo.py::test_grpo_raises_heldout_reasoning_accuracy
 
 s3: install
-	$(PY) -m finemed_ray.storage serve-s3 --port 9000 --bucket finemed-demo
+	$(PY) -m finemed_ray.toy.s3_server serve-s3 --port 9000 --bucket finemed-demo
 
 # The same server, plus the demo's inputs (tiny model, sample datasets, held-out MCQ, seed corpus) uploaded.
 s3-sample: install
-	$(PY) -m finemed_ray.storage serve-s3 --port 9000 --bucket finemed-demo --sample
+	$(PY) -m finemed_ray.toy.s3_server serve-s3 --port 9000 --bucket finemed-demo --sample
 
 # Benchmarks (bench/README.md): each writes bench/results/<name>_<device>.json, one at a time; hours on a 2-core CPU
 # machine. `make bench BENCHES="ttt serve"` runs some of them. Either way it ends by regenerating bench/RESULTS.md.

@@ -46,10 +46,10 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from finemed_ray.data.sample import sample_mcq_items
+    from finemed_ray.toy.sample import sample_mcq_items
     from finemed_ray.models.cpu_linear import SmallBatchLinear, small_batch_linear, use_plain_linears
     from finemed_ray.models.cpu_linear import use_small_batch_linears
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.synth.teachers import TeacherSpec, make_teacher
 
     torch.set_num_threads(args.threads)

@@ -100,7 +100,7 @@ def summarize(values: list[float]) -> dict[str, float]:
 def bench_model(name: str, args, tok, batches_examples: list[list[dict]], device: str) -> dict[str, Any]:
     import torch
 
-    from finemed_ray.models.tiny import build_tiny_model
+    from finemed_ray.toy.tiny_model import build_tiny_model
     from finemed_ray.train.dpo_packing import padding_stats
 
     dtype = getattr(torch, args.dtype)
@@ -198,7 +198,7 @@ def main() -> int:
     H.setup_env()
     import torch
 
-    from finemed_ray.models.tiny import build_tiny_tokenizer
+    from finemed_ray.toy.tiny_model import build_tiny_tokenizer
 
     torch.set_num_threads(args.threads)
     tok = build_tiny_tokenizer()

@@ -118,9 +118,10 @@ def main() -> int:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from finemed_ray import storage
-    from finemed_ray.data.sample import write_jsonl
+    from finemed_ray.toy.s3_server import EmbeddedS3
+    from finemed_ray.toy.sample import write_jsonl
     from finemed_ray.models.loading import load_tokenizer, resolve_model_path
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.train.packing import packing_collator, resolve_pack_length
 
     rows, source_note = None, None
@@ -153,7 +154,7 @@ def main() -> int:
         "settings": {},
     }
     monitor = H.Monitor(interval=1.0, track_workers=True).start()
-    with storage.EmbeddedS3(buckets=("bench",)):
+    with EmbeddedS3(buckets=("bench",)):
         save_tiny_model("s3://bench/models/tiny")
         rows_uri = write_jsonl(rows, "s3://bench/data/sft.jsonl")
         tok = load_tokenizer(resolve_model_path("s3://bench/models/tiny"))

@@ -114,11 +114,11 @@ def main() -> int:
     from ray import serve
 
     from finemed_ray.config import load_config
-    from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows, write_jsonl
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.sample import sample_mcq_items, sample_sft_rows, write_jsonl
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.serving.app import build_app
     from finemed_ray.serving.config import ServeConfig
-    from finemed_ray.storage import EmbeddedS3
+    from finemed_ray.toy.s3_server import EmbeddedS3
     from finemed_ray.ttt.embed import EncoderSpec
     from finemed_ray.ttt.index import build_index
 

@@ -38,9 +38,10 @@ def main() -> int:
     import torch
 
     from finemed_ray import storage
+    from finemed_ray.toy.s3_server import EmbeddedS3
     from finemed_ray.config import load_config
-    from finemed_ray.data.sample import sample_sft_rows, write_jsonl
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.train.configs import SFTJobConfig
     from finemed_ray.train.sft import SFTJob
 
@@ -55,7 +56,7 @@ def main() -> int:
         "workers": args.workers,
         "variants": {},
     }
-    with storage.EmbeddedS3(buckets=("bench",)):
+    with EmbeddedS3(buckets=("bench",)):
         save_tiny_model("s3://bench/models/tiny")
         write_jsonl(sample_sft_rows(n=args.rows, paraphrases="train"), "s3://bench/data/sft.jsonl")
         for name in args.variants.split(","):

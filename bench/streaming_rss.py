@@ -76,8 +76,9 @@ def main() -> int:
     import ray
 
     from finemed_ray import storage
-    from finemed_ray.data.sample import write_jsonl
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.s3_server import EmbeddedS3
+    from finemed_ray.toy.sample import write_jsonl
+    from finemed_ray.toy.tiny_model import save_tiny_model
 
     results: dict[str, Any] = {
         "benchmark": "streaming_rss",
@@ -99,7 +100,7 @@ def main() -> int:
         "runs": {},
     }
     whole = H.Monitor(interval=5.0).start()
-    with storage.EmbeddedS3(buckets=("bench",)):
+    with EmbeddedS3(buckets=("bench",)):
         save_tiny_model("s3://bench/models/tiny")
         for label, n in (("N", args.rows), ("10N", args.rows * args.factor)):
             rows_uri = write_jsonl(H.synthetic_conversations(n, median_words=args.median_words),

@@ -9,7 +9,7 @@ documents/s with teacher concurrency until the CPU saturates.
 Set-up: the real ``SynthesisPipeline`` (Ray Data, every step, decontamination, Parquet outputs and manifest on the
 embedded S3) on PubMedQA abstracts (``../shared/data/benchmarks/pubmedqa/train.jsonl``; synthetic texts from the
 package's own medical sentences when that file is absent). The teacher is the scripted OpenAI-compatible test
-server (``finemed_ray.synth.scripted_teacher``) answering every prompt type after ``--latency`` seconds, so the
+server (``finemed_ray.toy.scripted_teacher``) answering every prompt type after ``--latency`` seconds, so the
 teacher's own cost is fixed and known. One Ray Data teacher worker (``extra.num_workers=1``), so the requests in
 flight are exactly the configured concurrency (the server's observed maximum is recorded). Every run writes to a
 fresh output prefix: no response cache is reused.
@@ -143,8 +143,8 @@ def main() -> int:
     H.setup_env()
     import ray
 
-    from finemed_ray.storage import EmbeddedS3
-    from finemed_ray.synth.scripted_teacher import ScriptedTeacherServer, pipeline_reply
+    from finemed_ray.toy.s3_server import EmbeddedS3
+    from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer, pipeline_reply
 
     levels = [int(x) for x in args.concurrency.split(",")]
     lines, source = seed_lines(args.docs)

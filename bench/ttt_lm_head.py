@@ -34,8 +34,8 @@ def main() -> int:
     import torch
 
     import finemed_ray.ttt.adapt as adapt
-    from finemed_ray.data.sample import sample_sft_rows
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.sample import sample_sft_rows
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.synth.teachers import TeacherSpec, make_teacher
 
     torch.set_num_threads(args.threads)

@@ -32,9 +32,9 @@ def one(precision: str, iters: int, fixed: bool) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from finemed_ray.data.sample import sample_sft_rows
+    from finemed_ray.toy.sample import sample_sft_rows
     from finemed_ray.models.loading import load_model
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.ttt.adapt import TTTConfig, adapt_lora
 
     torch.set_num_threads(2)

@@ -73,8 +73,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     from finemed_ray import storage
+    from finemed_ray.toy.s3_server import EmbeddedS3
     from finemed_ray.config import load_config
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.train.recipe import RecipeConfig
     from jobs import demo_extras as extras
 
@@ -84,7 +85,7 @@ def _run(con: Any, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     rows: list[list[str]] = []  # the closing summary table
     summary: dict[str, Any] = {"output_dir": str(out_dir), "log": str(out_dir / "demo.log")}
 
-    s3 = storage.EmbeddedS3(buckets=(BUCKET,))
+    s3 = EmbeddedS3(buckets=(BUCKET,))
     with s3:
         with con.stage("1/7 storage", "start an S3-compatible server (moto) on 127.0.0.1") as h:
             h.done(f"{s3.endpoint_url}, bucket {BUCKET} (it stops with the demo; results are copied to {out_dir})")

@@ -27,7 +27,7 @@ SYSTEM_PROMPT = "You are a helpful professional doctor."
 
 # ------------------------------------------------------------------------------------------------ data
 def heldout_items() -> list[dict[str, Any]]:
-    from finemed_ray.data.sample import sample_mcq_items
+    from finemed_ray.toy.sample import sample_mcq_items
 
     return sample_mcq_items(paraphrases="heldout", every_paraphrase=True)
 
@@ -36,7 +36,7 @@ def heldout_pairs() -> list[dict[str, Any]]:
     """Held-out preference pairs in the training pairs' format: the pipeline's DPO prompt (question + its
     step-by-step instruction, :func:`finemed_ray.synth.prompts.dpo_prompt`) after the system prompt training adds;
     chosen = the reasoning answer, rejected = a direct answer, wrong for half of the pairs."""
-    from finemed_ray.data.sample import sample_dpo_rows
+    from finemed_ray.toy.sample import sample_dpo_rows
     from finemed_ray.synth.prompts import dpo_prompt
 
     rows = []
@@ -100,7 +100,8 @@ def train_stage(recipe: Any, name: str) -> dict[str, Any]:
 def measure(model_uri: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Generated-answer accuracy (the primary figure) and direct-answer log-likelihood accuracy of one export."""
     from finemed_ray.eval.generative import mcq_generation_accuracy
-    from finemed_ray.eval.loglik import mcq_loglik_accuracy, synthetic_option_fact_continuations
+    from finemed_ray.eval.loglik import mcq_loglik_accuracy
+    from finemed_ray.toy.fact_scoring import synthetic_option_fact_continuations
     from finemed_ray.models.loading import load_for_generation, resolve_model_path
 
     model, tokenizer = load_for_generation(resolve_model_path(model_uri))

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from finemed_ray.storage import EmbeddedS3
+    from finemed_ray.toy.s3_server import EmbeddedS3
 
 
 @pytest.fixture(scope="session")
 def s3() -> Iterator[EmbeddedS3]:
     """A real S3 endpoint (moto server) with bucket ``finemed-test``; its env is applied for the whole session."""
-    from finemed_ray.storage import EmbeddedS3, clear_fs_cache
+    from finemed_ray.storage import clear_fs_cache
+    from finemed_ray.toy.s3_server import EmbeddedS3
 
     server = EmbeddedS3(buckets=("finemed-test",)).start()
     with pytest.MonkeyPatch.context() as mp:
@@ -118,7 +119,7 @@ for _key, _value in {
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny Llama-style model + tokenizer, built once per session in a local directory."""
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
 
     path = tmp_path_factory.mktemp("tiny-model")
     save_tiny_model(str(path))

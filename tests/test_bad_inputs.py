@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from finemed_ray import storage
-from finemed_ray.data.sample import sample_dpo_rows, sample_sft_rows
+from finemed_ray.toy.sample import sample_dpo_rows, sample_sft_rows
 from finemed_ray.data.sft_prepare import MAX_ROW_BYTES, input_files, prepare_sft, read_jsonl_lines
 from finemed_ray.errors import DataError, ModelError
 

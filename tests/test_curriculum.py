@@ -10,7 +10,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.config import load_config
-from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import sample_mcq_items, sample_sft_rows, write_jsonl
 from finemed_ray.errors import DataError
 from finemed_ray.train.recipe import RecipeConfig, run_recipe
 
@@ -49,7 +49,8 @@ def curriculum(tiny_model_s3, ray_cluster, s3):
 
 
 def _mcq_accuracy(model_uri: str, items: list[dict]) -> float:
-    from finemed_ray.eval.loglik import mcq_loglik_accuracy, synthetic_option_fact_continuations
+    from finemed_ray.eval.loglik import mcq_loglik_accuracy
+    from finemed_ray.toy.fact_scoring import synthetic_option_fact_continuations
     from finemed_ray.models.loading import load_model, load_tokenizer, resolve_model_path
 
     local = resolve_model_path(model_uri)

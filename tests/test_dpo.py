@@ -11,7 +11,7 @@ import torch
 
 from finemed_ray import storage
 from finemed_ray.config import load_config
-from finemed_ray.data.sample import bad_dpo_rows, sample_dpo_rows, write_jsonl
+from finemed_ray.toy.sample import bad_dpo_rows, sample_dpo_rows, write_jsonl
 from finemed_ray.eval.preference import preference_metrics
 from finemed_ray.train.configs import DPOJobConfig
 from finemed_ray.train.sft import DPOJob

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from finemed_ray.data.dpo_prepare import tokenize_pair
-from finemed_ray.data.sample import sample_dpo_rows
+from finemed_ray.toy.sample import sample_dpo_rows
 from finemed_ray.data.tokenize import with_system_prompt
 from finemed_ray.errors import ConfigError
-from finemed_ray.models.tiny import build_tiny_model, build_tiny_tokenizer
+from finemed_ray.toy.tiny_model import build_tiny_model, build_tiny_tokenizer
 from finemed_ray.train.dpo_packing import (
     DPOPackingCollator,
     DPOPackingMixin,

@@ -10,7 +10,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.data.dpo_prepare import TOKEN_COLUMNS, fit_pair, prepare_dpo, read_prepared_dpo
-from finemed_ray.data.sample import bad_dpo_rows, sample_dpo_rows, write_jsonl
+from finemed_ray.toy.sample import bad_dpo_rows, sample_dpo_rows, write_jsonl
 from finemed_ray.data.sft_prepare import RowSelection
 from finemed_ray.errors import ConfigError, DataError
 from finemed_ray.schemas import to_table

@@ -55,9 +55,9 @@ def test_generation_accuracy_on_a_trained_tiny_model(tmp_path):
     read from the summarization, scored right, and a budget too small to reach it counts as cut off."""
     import torch
 
-    from finemed_ray.data.sample import reasoning_answer, sample_mcq_items
+    from finemed_ray.toy.sample import reasoning_answer, sample_mcq_items
     from finemed_ray.models.loading import load_model, load_tokenizer
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
 
     save_tiny_model(str(tmp_path / "m"))
     model, tok = load_model(str(tmp_path / "m")), load_tokenizer(str(tmp_path / "m"))

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from finemed_ray.data.sample import DEFAULT_SYSTEM_PROMPT, sample_mcq_items, sample_sft_rows
+from finemed_ray.toy.sample import DEFAULT_SYSTEM_PROMPT, sample_mcq_items, sample_sft_rows
 from finemed_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation, with_system_prompt
 from finemed_ray.errors import DataError
 from finemed_ray.eval.loglik import (
@@ -23,10 +23,9 @@ from finemed_ray.eval.loglik import (
     question_prompt,
     score_choices,
     score_sequences,
-    synthetic_fact_continuations,
-    synthetic_option_fact_continuations,
 )
-from finemed_ray.models.tiny import IM_END, build_tiny_model, build_tiny_tokenizer
+from finemed_ray.toy.fact_scoring import synthetic_fact_continuations, synthetic_option_fact_continuations
+from finemed_ray.toy.tiny_model import IM_END, build_tiny_model, build_tiny_tokenizer
 
 QUESTION = [{"role": "user", "content": "What is metformin used to treat?"}]
 OPTIONS = [

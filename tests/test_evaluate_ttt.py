@@ -17,7 +17,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.config import load_config
-from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import sample_mcq_items, sample_sft_rows, write_jsonl
 from finemed_ray.eval.config import EvalJobConfig
 from finemed_ray.eval.runner import Evaluation
 

@@ -10,7 +10,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.config import load_config, read_yaml, validate
-from finemed_ray.data.sample import reasoning_answer, sample_mcq_items, sample_reasoning_rows, write_jsonl
+from finemed_ray.toy.sample import reasoning_answer, sample_mcq_items, sample_reasoning_rows, write_jsonl
 from finemed_ray.errors import ConfigError
 from finemed_ray.train.grpo import GRPOJob, GRPOJobConfig, looks_like_test_split, mcq_item, plan_grpo_steps
 from finemed_ray.train.rewards import correct_answer, length_penalty, reasoning_format
@@ -301,7 +301,7 @@ def test_grpo_raises_heldout_reasoning_accuracy(ray_cluster, s3):
       claim is a significant rise. It has not held on the tiny model (README "GRPO"): the test then reports the
       figures as an expected failure (XFAIL) instead of passing. Hyper-parameters were chosen on train prompts and
       on a separate set of wordings, never on these questions."""
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.train.recipe import RecipeConfig, run_recipe
     from jobs import demo_extras as extras
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finemed_ray import storage
-from finemed_ray.data.sample import sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.errors import FinemedError
 from finemed_ray.train.lora import ADAPTER_DIR, check_adapter
 from finemed_ray.train.sft import SFTJob

@@ -11,7 +11,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.config import load_config
-from finemed_ray.data.sample import sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.train.configs import SFTJobConfig
 from finemed_ray.train.sft import SFTJob
 
@@ -61,7 +61,7 @@ def test_sft_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
 
 def test_dpo_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
     """DPO from the SFT export above (as in the recipe): policy and frozen reference sharded across the nodes."""
-    from finemed_ray.data.sample import sample_dpo_rows
+    from finemed_ray.toy.sample import sample_dpo_rows
     from finemed_ray.train.configs import DPOJobConfig
     from finemed_ray.train.sft import DPOJob
 

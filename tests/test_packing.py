@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finemed_ray.data.sample import sample_sft_rows
+from finemed_ray.toy.sample import sample_sft_rows
 from finemed_ray.data.tokenize import IGNORE_INDEX, tokenize_conversation
 from finemed_ray.errors import ConfigError, DataError
-from finemed_ray.models.tiny import build_tiny_model, build_tiny_tokenizer
+from finemed_ray.toy.tiny_model import build_tiny_model, build_tiny_tokenizer
 from finemed_ray.train.packing import (
     check_packing_attention,
     packing_collator,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from finemed_ray import storage
-from finemed_ray.data.sample import sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

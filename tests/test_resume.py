@@ -13,7 +13,7 @@ import time
 import pytest
 
 from finemed_ray import storage
-from finemed_ray.data.sample import sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.errors import FinemedError
 from finemed_ray.train.resume import POSITION_FILE
 from finemed_ray.train.sft import SFTJob, plan_steps

@@ -36,7 +36,7 @@ def test_serve_s3_sample_uploads_the_demo_inputs(tmp_path: Path) -> None:
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     err = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finemed_ray.storage", "serve-s3", "--port", "0", "--bucket", "finemed-demo",
+        [sys.executable, "-m", "finemed_ray.toy.s3_server", "serve-s3", "--port", "0", "--bucket", "finemed-demo",
          "--sample"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
     lines: list[str] = []
@@ -80,7 +80,7 @@ def test_serve_s3_sample_uploads_the_demo_inputs(tmp_path: Path) -> None:
         def body(key: str) -> list[str]:
             return client.get_object(Bucket="finemed-demo", Key=key)["Body"].read().decode().splitlines()
 
-        from finemed_ray.data.sample import bad_sft_rows, sample_mcq_items, sample_sft_rows
+        from finemed_ray.toy.sample import bad_sft_rows, sample_mcq_items, sample_sft_rows
 
         assert len(body("data/sft.jsonl")) == len(sample_sft_rows(paraphrases="train", system_prompt=None)) + len(
             bad_sft_rows())

@@ -1,4 +1,4 @@
-"""Synthetic o1-style reasoning SFT rows and DPO preference pairs (finemed_ray.data.sample)."""
+"""Synthetic o1-style reasoning SFT rows and DPO preference pairs (finemed_ray.toy.sample)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from finemed_ray.data.dpo_prepare import validate_dpo_pair
-from finemed_ray.data.sample import (
+from finemed_ray.toy.sample import (
     DEFAULT_SYSTEM_PROMPT,
     DISEASE_TESTS,
     DRUG_CLASSES,
@@ -153,7 +153,7 @@ def test_bad_dpo_rows_all_fail_validation():
 
 
 def test_mcq_items_with_every_heldout_wording():
-    from finemed_ray.data.sample import sample_mcq_items
+    from finemed_ray.toy.sample import sample_mcq_items
 
     every = sample_mcq_items(paraphrases="heldout", every_paraphrase=True)
     assert len(every) == 128 and len({i["id"] for i in every}) == 128

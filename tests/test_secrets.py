@@ -44,8 +44,8 @@ def dump():
 
 from finemed_ray import storage
 from finemed_ray.config import load_config
-from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows, write_jsonl
-from finemed_ray.models.tiny import save_tiny_model
+from finemed_ray.toy.sample import sample_mcq_items, sample_sft_rows, write_jsonl
+from finemed_ray.toy.tiny_model import save_tiny_model
 
 prefix = f"s3://{BUCKET}/scenario"
 # inputs on S3, written with the dummy secret in the environment
@@ -168,7 +168,7 @@ def _scan_tree(root: Path, needles: dict[str, bytes], hits: list[str], seen: lis
 def test_no_secret_in_any_log_output_or_object(tmp_path):
     import boto3
 
-    from finemed_ray.storage import EmbeddedS3
+    from finemed_ray.toy.s3_server import EmbeddedS3
 
     s3_secret = "S3SECRET-" + uuid.uuid4().hex
     api_key = "APIKEY-" + uuid.uuid4().hex

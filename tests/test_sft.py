@@ -13,7 +13,7 @@ import torch
 
 from finemed_ray import storage
 from finemed_ray.config import load_config
-from finemed_ray.data.sample import bad_sft_rows, sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import bad_sft_rows, sample_sft_rows, write_jsonl
 from finemed_ray.errors import DataError, ModelError
 from finemed_ray.train.configs import SFTJobConfig
 from finemed_ray.train.sft import SFTJob, plan_steps

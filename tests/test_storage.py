@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from finemed_ray import storage
+from finemed_ray.toy.s3_server import EmbeddedS3
 from finemed_ray.errors import StorageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_is_s3_and_join() -> None:
     assert storage.join("rel", "a") == os.path.join("rel", "a")
 
 
-def test_get_filesystem_paths(s3: storage.EmbeddedS3, tmp_path: Path) -> None:
+def test_get_filesystem_paths(s3: EmbeddedS3, tmp_path: Path) -> None:
     fs, path = storage.get_filesystem("s3://finemed-test/a/b.json")
     assert fs.type_name == "s3" and path == "finemed-test/a/b.json"
     assert storage.get_filesystem("s3://finemed-test/a/b.json")[0] is fs  # cached per settings
@@ -152,7 +153,7 @@ def test_delete_file_prefix_and_missing(base: str) -> None:
         assert s3_keys(base) == [base.split("/", 3)[3] + "/m2/keep.txt"], "no empty dir markers left behind"
 
 
-def test_delete_refuses_bucket_root(s3: storage.EmbeddedS3) -> None:
+def test_delete_refuses_bucket_root(s3: EmbeddedS3) -> None:
     with pytest.raises(StorageError, match="whole bucket"):
         storage.delete("s3://finemed-test")
 
@@ -199,7 +200,7 @@ def iam_enforcing_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, dict
     Yields each user's AWS environment."""
     env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}  # auth off while seeding
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finemed_ray.storage", "serve-s3", "--port", "0", "--bucket", "finemed-denied"],
+        [sys.executable, "-m", "finemed_ray.toy.s3_server", "serve-s3", "--port", "0", "--bucket", "finemed-denied"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT,
         env={**env, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
     )
@@ -269,7 +270,7 @@ def test_access_denied_from_the_server_is_translated(
             assert str(denied.value).startswith(f"{uri}: access denied ("), (fn, str(denied.value))
 
 
-def test_ensure_bucket(s3: storage.EmbeddedS3, tmp_path: Path) -> None:
+def test_ensure_bucket(s3: EmbeddedS3, tmp_path: Path) -> None:
     uri = "s3://finemed-ensure-bucket/a.txt"
     assert not storage.exists(uri)
     storage.ensure_bucket(uri)
@@ -377,7 +378,7 @@ def test_publish_dir_s3(s3_prefix: str, tmp_path: Path) -> None:
     assert storage.list_files(s3_prefix) == expect
 
 
-def test_publish_dir_s3_failure_leaves_nothing(s3: storage.EmbeddedS3, tmp_path: Path) -> None:
+def test_publish_dir_s3_failure_leaves_nothing(s3: EmbeddedS3, tmp_path: Path) -> None:
     # A versioned bucket keeps a history, which proves the failure came after real uploads had happened.
     bucket = "finemed-versioned"
     storage.ensure_bucket(f"s3://{bucket}")
@@ -476,9 +477,9 @@ def test_parquet_roundtrip_through_get_filesystem(s3_prefix: str) -> None:
 # ------------------------------------------------------------------------------------ embedded server
 
 
-def test_embedded_s3_context_manager_restores_env(s3: storage.EmbeddedS3) -> None:
+def test_embedded_s3_context_manager_restores_env(s3: EmbeddedS3) -> None:
     before = os.environ["AWS_ENDPOINT_URL_S3"]
-    with storage.EmbeddedS3(buckets=("finemed-inner",)) as inner:
+    with EmbeddedS3(buckets=("finemed-inner",)) as inner:
         assert inner.endpoint_url != s3.endpoint_url
         assert os.environ["AWS_ENDPOINT_URL_S3"] == inner.endpoint_url
         storage.write_text("s3://finemed-inner/x.txt", "inner")
@@ -494,7 +495,7 @@ def test_cli_serve_s3_starts_and_stops() -> None:
     # moto rejects bucket names under 3 characters (as AWS does), so "b1" would be refused: use "cli-b1".
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finemed_ray.storage", "serve-s3", "--port", "0", "--bucket", "cli-b1"],
+        [sys.executable, "-m", "finemed_ray.toy.s3_server", "serve-s3", "--port", "0", "--bucket", "cli-b1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
     )
     lines: queue.Queue[str] = queue.Queue()
@@ -525,7 +526,7 @@ def test_cli_serve_s3_starts_and_stops() -> None:
 def test_cli_rejects_bad_bucket_name() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "finemed_ray.storage", "serve-s3", "--port", "0", "--bucket", "b1"],
+        [sys.executable, "-m", "finemed_ray.toy.s3_server", "serve-s3", "--port", "0", "--bucket", "b1"],
         capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=60,
     )
     assert out.returncode == 2 and "s3://b1" in out.stderr

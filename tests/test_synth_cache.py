@@ -11,7 +11,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.synth.cache import StepStats, cached_keys, request_key, run_cached_step
-from finemed_ray.synth.scripted_teacher import ScriptedTeacherServer
+from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer
 from finemed_ray.synth.teachers import TeacherSpec, make_teacher
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finemed_ray.data.sample import DEPARTMENTS
+from finemed_ray.toy.sample import DEPARTMENTS
 from finemed_ray.errors import DataError
 from finemed_ray.mcq import read_rows
 from finemed_ray.synth import prompts

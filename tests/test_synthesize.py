@@ -1,6 +1,6 @@
 """The synthesis pipeline end to end on Ray Data, with real S3 and a teacher served over real HTTP.
 
-The teacher here is a TEST FIXTURE (``finemed_ray.synth.scripted_teacher``): an OpenAI-compatible server on
+The teacher here is a TEST FIXTURE (``finemed_ray.toy.scripted_teacher``): an OpenAI-compatible server on
 127.0.0.1 whose replies are scripted per prompt type, so every rule of the pipeline has a known expected outcome,
 and which counts the requests it receives (to prove that a resumed run repeats no teacher call)."""
 
@@ -22,7 +22,7 @@ from finemed_ray.errors import FinemedError
 from finemed_ray.schemas import validate_dpo_row, validate_sft_row
 from finemed_ray.synth.config import SynthJobConfig
 from finemed_ray.synth.pipeline import SynthesisPipeline
-from finemed_ray.synth.scripted_teacher import pipeline_reply
+from finemed_ray.toy.scripted_teacher import pipeline_reply
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "data" / "benchmarks"
@@ -78,7 +78,7 @@ def read_output(uri: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server():
-    from finemed_ray.synth.scripted_teacher import ScriptedTeacherServer
+    from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer
 
     with ScriptedTeacherServer(scripted_reply) as srv:
         yield srv

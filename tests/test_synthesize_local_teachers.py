@@ -29,7 +29,7 @@ def seeds() -> list[str]:
     if PUBMEDQA.is_file():
         lines = PUBMEDQA.read_text().splitlines()[:N_SEEDS]
     else:  # the product must not depend on the shared files: fall back to the package's own texts
-        from finemed_ray.data.sample import sample_sft_rows
+        from finemed_ray.toy.sample import sample_sft_rows
 
         lines = [json.dumps({"question": r["messages"][-1]["content"]}) for r in sample_sft_rows(N_SEEDS)]
     return lines + ["{broken json"]  # one bad row: quarantined at read, with the model teachers too

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from finemed_ray.errors import ConfigError
-from finemed_ray.synth.scripted_teacher import ScriptedError, ScriptedTeacherServer, messages_hash
+from finemed_ray.toy.scripted_teacher import ScriptedError, ScriptedTeacherServer, messages_hash
 from finemed_ray.synth.teachers import (
     RESULT_COLUMNS,
     HfTeacher,

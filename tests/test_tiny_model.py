@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finemed_ray import storage
-from finemed_ray.data.sample import (
+from finemed_ray.toy.sample import (
     DEFAULT_SYSTEM_PROMPT,
     DEPARTMENTS,
     bad_sft_rows,

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from finemed_ray import storage
-from finemed_ray.data import sample
+from finemed_ray.toy import sample
 from finemed_ray.schemas import validate_sft_row
 from finemed_ray.synth import parsing, prompts
 from finemed_ray.synth.taxonomy import DEFAULT_TAXONOMY

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finemed_ray.data.sample import sample_mcq_items, sample_sft_rows
-from finemed_ray.eval.loglik import mcq_loglik_accuracy, synthetic_fact_continuations
+from finemed_ray.toy.sample import sample_mcq_items, sample_sft_rows
+from finemed_ray.eval.loglik import mcq_loglik_accuracy
+from finemed_ray.toy.fact_scoring import synthetic_fact_continuations
 from finemed_ray.ttt.adapt import (
     BatchedLoRA,
     TTTConfig,

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from finemed_ray import storage
-from finemed_ray.data.sample import bad_dpo_rows, sample_dpo_rows, sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import bad_dpo_rows, sample_dpo_rows, sample_sft_rows, write_jsonl
 from finemed_ray.errors import ConfigError, DataError
 from finemed_ray.ttt.embed import Encoder, EncoderSpec, identity_mismatch, resolve_encoder_path
 from finemed_ray.ttt.config import IndexJobConfig, IndexSpec

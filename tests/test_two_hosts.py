@@ -23,7 +23,7 @@ import pytest
 
 from finemed_ray import storage
 from finemed_ray.config import load_config
-from finemed_ray.data.sample import sample_sft_rows, write_jsonl
+from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.train.configs import SFTJobConfig
 from finemed_ray.train.sft import SFTJob
 

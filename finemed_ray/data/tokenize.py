@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# The system prompt our datasets, evaluation and serving add when a conversation has none (FineMedLM-o1's).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful professional doctor."
+
 IGNORE_INDEX = -100
 
 

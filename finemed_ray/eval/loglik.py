@@ -20,16 +20,9 @@ training.
 
 Continuation builders (``build_continuations(item) -> list[str]``, one string per option, in option order):
 
-* :func:`synthetic_fact_continuations` -- the synthetic medical-facts task (:func:`finemed_ray.data.sample.
-  sample_mcq_items`): each option rendered in the exact answer template the SFT rows train on ("Metformin is used
-  to treat type 2 diabetes."). Pair it with the default :func:`question_prompt` (question only, like training).
-  The template repeats the question's subject, so under teacher forcing the options are compared as
-  ``P(option | "Metformin is used to treat")``: this measures whether the facts were learnt (fact recall), and
-  the question -- held-out paraphrase or not -- hardly matters.
-* :func:`synthetic_option_fact_continuations` -- the same task, each option as the complete training answer of
-  its own fact ("Amlodipine is used to treat high blood pressure." as a distractor on a metformin question).
-  All four are true, trained sentences; only the question says which one answers it, so this measures whether
-  a model understands (held-out) question wordings.
+* ``finemed_ray.toy.fact_scoring`` -- the toy medical-facts task of the demo and the tests: each option in the
+  answer template the toy SFT rows train on ("Metformin is used to treat type 2 diabetes."; fact recall), or as
+  the full training answer of its own fact (whether a model understands held-out question wordings).
 * :func:`benchmark_continuations` -- generic benchmark MCQ (MedQA / MedMCQA / PubMedQA / MMLU rows, raw or
   read by :func:`finemed_ray.mcq.parse_item`): ``"The answer is B. <option text>"``. Pair it with
   :func:`benchmark_prompt`, which lists the lettered options in the question. Letter *and* text are scored
@@ -47,11 +40,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from finemed_ray.data.sample import DEFAULT_SYSTEM_PROMPT
+from finemed_ray.data.tokenize import DEFAULT_SYSTEM_PROMPT
 from finemed_ray.data.tokenize import with_system_prompt
 from finemed_ray.errors import DataError
 from finemed_ray.mcq import MCQItem, parse_item, row_id
@@ -242,62 +234,6 @@ def benchmark_prompt(item: dict) -> list[dict]:
 def benchmark_continuations(item: dict) -> list[str]:
     """``"The answer is B. <option text>"`` for every option (see the module docstring for why)."""
     return [f"The answer is {k}. {t}" for k, t in mcq_options(item)]
-
-
-_SYNTHETIC_ID = re.compile(r"^mcq-(?P<kind>[a-z]+)-(?P<index>\d+)-p\d+$")
-
-
-def _synthetic_fact(item: dict) -> tuple[str, tuple[str, str, str, str]]:
-    """(fact type, fact) of a :func:`sample_mcq_items` item: from its id when it parses (checked against the gold
-    option), else by looking the gold option up in the fact tables."""
-    from finemed_ray.data.sample import _FACT_TYPES
-
-    gold_text = dict(mcq_options(item))[mcq_gold(item)]
-    m = _SYNTHETIC_ID.match(str(item.get("id", "")))
-    if m and m["kind"] in _FACT_TYPES:
-        table = _FACT_TYPES[m["kind"]][0]
-        i = int(m["index"])
-        if i < len(table) and table[i][1] == gold_text:
-            return m["kind"], table[i]
-    found = [(kind, f) for kind, spec in _FACT_TYPES.items() for f in spec[0] if f[1] == gold_text]
-    if len(found) != 1:
-        raise DataError(
-            f"MCQ item {_item_name(item)}: not a synthetic-facts item (gold option {gold_text!r} matches "
-            f"{len(found)} facts); synthetic_fact_continuations needs items from sample_mcq_items()"
-        )
-    return found[0]
-
-
-def synthetic_fact_continuations(item: dict) -> list[str]:
-    """Each option in the answer template the synthetic SFT rows were trained on, with the *question's* subject:
-    ``"Metformin is used to treat <option>."`` for every option of a metformin item. Built with
-    :func:`finemed_ray.data.sample._answer`, so it can never drift from the training answers.
-
-    Measures fact recall. The subject is the same in every continuation, so the question barely matters: the
-    ranking is ``P(option | "Metformin is used to treat")``, and a trained model ranks nearly as well when the
-    prompt is an unrelated "Hello." (see :func:`synthetic_option_fact_continuations` for a check that needs it)."""
-    from finemed_ray.data.sample import _answer
-
-    kind, fact = _synthetic_fact(item)
-    return [_answer(kind, (fact[0], text, fact[2], fact[3])) for _, text in mcq_options(item)]
-
-
-def synthetic_option_fact_continuations(item: dict) -> list[str]:
-    """Each option as the full training answer of *its own* fact (the distractors are answers of other facts in
-    the same table): ``"Amlodipine is used to treat high blood pressure."`` for the distractor of a metformin
-    item. Every continuation is a true statement the model was trained to say, so what separates them is whether
-    the model can tell from the (possibly held-out) question which fact is asked about: this is the check that
-    a model *understands the question*, and it falls to chance when the question is removed."""
-    from finemed_ray.data.sample import _FACT_TYPES, _answer
-
-    kind, _ = _synthetic_fact(item)
-    by_object = {fact[1]: fact for fact in _FACT_TYPES[kind][0]}
-    out = []
-    for key, text in mcq_options(item):
-        if text not in by_object:
-            raise DataError(f"MCQ item {_item_name(item)}: option {key} {text!r} is not a {kind!r} fact's answer")
-        out.append(_answer(kind, by_object[text]))
-    return out
 
 
 def mcq_loglik_accuracy(

@@ -21,7 +21,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from finemed_ray.data.sample import DEFAULT_SYSTEM_PROMPT
+from finemed_ray.data.tokenize import DEFAULT_SYSTEM_PROMPT
 from finemed_ray.errors import ConfigError, DataError
 from finemed_ray.eval.benchmarks import MCQItem
 

@@ -1,8 +1,9 @@
 """The FineMedLM-o1 two-level department taxonomy and strict label matching for teacher outputs.
 
 The paper (arXiv 2501.09213) sorts medical texts into 6 primary and 29 secondary departments. The primary labels are
-the strings of :data:`finemed_ray.data.sample.DEPARTMENTS`; the secondary labels are standard sub-specialties (the
-paper's "Otorhinolaryngology" department covers eyes and teeth too, hence Ophthalmology and Dentistry under it).
+the keys of :data:`DEFAULT_DEPARTMENTS` below (the toy data uses the same six); the secondary labels are standard
+sub-specialties (the paper's "Otorhinolaryngology" department covers eyes and teeth too, hence Ophthalmology and
+Dentistry under it).
 
 The taxonomy is data (:class:`Taxonomy`), so the pipeline's YAML config can replace it::
 

@@ -1,7 +1,7 @@
 """OFFLINE TEACHER: a rule-based stand-in for the teacher LLM of the synthesis pipeline. It is NOT an LLM.
 
 ``make demo`` has no model that could write medical questions and answers, so this module answers every prompt of
-:mod:`finemed_ray.synth.prompts` from a lookup table instead: the fact tables of :mod:`finemed_ray.data.sample`
+:mod:`finemed_ray.synth.prompts` from a lookup table instead: the fact tables of :mod:`finemed_ray.toy.sample`
 (64 facts: drug -> indication, disease -> first-line test, each with its departments). It only knows those facts
 and the texts of :mod:`finemed_ray.toy.seed_corpus`; any other prompt or text raises an error that names it (the
 HTTP server answers 500), never a guess. A real run points the same pipeline config at a real teacher instead: a
@@ -35,7 +35,7 @@ import random
 import re
 from typing import Any
 
-from finemed_ray.data import sample
+from finemed_ray.toy import sample
 from finemed_ray.synth import prompts
 from finemed_ray.toy.seed_corpus import COMPLEX_VARIANTS, PLANTED_HEADING, VARIANT_HEADINGS, paraphrase_of
 
@@ -399,6 +399,6 @@ def OfflineTeacherServer(**kwargs: Any):  # noqa: N802 - reads as a class at cal
     """A local OpenAI-compatible HTTP server (127.0.0.1, a free port) answering with :func:`offline_teacher_reply`
     and serving the model name ``offline-teacher``. Use as a context manager, or ``start()`` / ``stop()``; its
     ``base_url`` goes into the pipeline config. Keyword arguments go to ``ScriptedTeacherServer``."""
-    from finemed_ray.synth.scripted_teacher import ScriptedTeacherServer
+    from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer
 
     return ScriptedTeacherServer(offline_teacher_reply, model=MODEL_NAME, **kwargs)

@@ -1,5 +1,5 @@
 """A small, licence-clean seed corpus for the synthesis demo: six short medical texts per fact of
-:mod:`finemed_ray.data.sample` (64 facts -> 384 texts) plus one planted contaminated text.
+:mod:`finemed_ray.toy.sample` (64 facts -> 384 texts) plus one planted contaminated text.
 
 The texts were written for this project from the fact tables (CC0); they are simplified teaching prose for a toy
 task, not medical advice. Each text states its fact (drug -> indication, or disease -> first-line test) and has one
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from finemed_ray.data.sample import DISEASE_TESTS, DRUG_CLASSES, DRUG_INDICATIONS, sample_mcq_items
+from finemed_ray.toy.sample import DISEASE_TESTS, DRUG_CLASSES, DRUG_INDICATIONS, sample_mcq_items
 
 __all__ = ["COMPLEX_VARIANTS", "SOURCE", "VARIANT_HEADINGS", "broken_seed_lines", "paraphrase_of", "PLANTED_HEADING", "planted_mcq_item", "seed_corpus_rows",
            "write_seed_corpus"]

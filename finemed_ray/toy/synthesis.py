@@ -29,7 +29,7 @@ def heldout_benchmark_rows() -> list[dict[str, Any]]:
     """The decontamination benchmark: the held-out MCQ items (``sample_mcq_items(paraphrases="heldout")``, first,
     so a hit names the MCQ item) and then every held-out question wording of every fact (paraphrases 3 and 4), so
     no held-out wording can reach the training data whichever held-out items an evaluation asks."""
-    from finemed_ray.data import sample
+    from finemed_ray.toy import sample
 
     rows = sample.sample_mcq_items(paraphrases="heldout")
     for kind, table in (("drug", sample.DRUG_INDICATIONS), ("test", sample.DISEASE_TESTS)):
@@ -58,7 +58,7 @@ def synthesize_demo_data(out_uri: str, work_uri: str, *, overrides: list[str] | 
     import ray
 
     from finemed_ray.config import load_config
-    from finemed_ray.data.sample import write_jsonl
+    from finemed_ray.toy.sample import write_jsonl
     from finemed_ray.synth.config import SynthJobConfig
     from finemed_ray.synth.pipeline import SynthesisPipeline
     from finemed_ray.toy.offline_teacher import MODEL_NAME, OfflineTeacherServer
