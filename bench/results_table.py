@@ -213,8 +213,19 @@ def _setting_ttt(d: dict) -> str:
             f"adaptation dtype {d.get('adaptation_dtype', UNKNOWN)}")
 
 
+def _setting_serve_compare(d: dict) -> str:
+    st = d.get("setting") or {}
+    return (f"tiny model; random {st.get('input_len', UNKNOWN)}-token prompts, {st.get('output_len', UNKNOWN)}-token "
+            f"answers (ignore_eos); concurrency {'/'.join(str(c) for c in st.get('concurrency') or []) or UNKNOWN}; "
+            f"prompts per level {'/'.join(str(v) for v in (st.get('prompts_per_level') or {}).values()) or UNKNOWN}; "
+            f"LoRA {'on in all' if str(st.get('lora', '')).startswith('enabled') else 'off in all'}; "
+            f"`vllm bench serve` client" + (f"; (c)/(d) with {', '.join(st['finemed_overrides'])}"
+                                             if st.get("finemed_overrides") else ""))
+
+
 SETTINGS: dict[str, Callable[[dict], str]] = {
     "serve": _setting_serve,
+    "serve_compare": _setting_serve_compare,
     "train_overhead": _setting_train_overhead,
     "sft_throughput": lambda d: (f"{d.get('rows', UNKNOWN)} rows, {d.get('epochs', UNKNOWN)} epochs, "
                                  f"{d.get('workers', UNKNOWN)} workers"),
@@ -260,8 +271,7 @@ SERVE, TRAIN, TTT, SYNTH, INDEX = "Serving", "Training", "Test-time training", "
 SECTIONS = (SERVE, TRAIN, TTT, SYNTH, INDEX)
 
 _COMPARE = ("issue 18 item 2: `vllm serve`, `ray.serve.llm` and finemed-ray with TTT off / on for 10% of requests "
-            "in one run, same model, prompts and concurrency 1/4/16/64, LoRA in all or none; no bench writes this "
-            "comparison yet")
+            "in one run, same model, prompts and concurrency 1/4/16/64, LoRA in all or none: `bench/serve_compare.py`")
 _GPU = "issue 18 item 7: `bench/gpu.sh` on one CUDA GPU; no GPU was available to the runs so far"
 
 
@@ -395,14 +405,49 @@ def _info(v: Any) -> Any:
     return None if v is None else (None, v)
 
 
+def _compare_ratio(key: str, judged: bool = False) -> Callable[[dict], Any]:
+    """bench/serve_compare.py: a ratio of output tokens/s per concurrency level; judged on the lowest level's."""
+    def value(d: dict) -> Any:
+        r = get(d, f"ratios_output_tokens_per_s.{key}") or {}
+        if not r or any(v is None for v in r.values()):
+            return None
+        text = " / ".join(f"{v:g}x" for v in r.values()) + " at concurrency " + "/".join(r)
+        return (min(r.values()), f"min {min(r.values()):g}x ({text})") if judged else (None, text)
+    return value
+
+
+def _compare_system(s: str) -> Callable[[dict], Any]:
+    def value(d: dict) -> Any:
+        lv = get(d, f"runs.{s}.levels") or []
+        if not lv:
+            return None
+        f = lambda k: "/".join(f"{x[k]:g}" if isinstance(x.get(k), (int, float)) else "?" for x in lv)  # noqa: E731
+        return None, (f"req/s {f('requests_per_s')}; output tok/s {f('output_tokens_per_s')}; TTFT p50 "
+                      f"{f('ttft_p50_ms')} p99 {f('ttft_p99_ms')} ms; ITL p50 {f('itl_p50_ms')} p99 {f('itl_p99_ms')} "
+                      f"ms; TPOT p50 {f('tpot_p50_ms')} ms; failed {sum(x.get('failed') or 0 for x in lv)}; every "
+                      f"answer {get(d, 'setting.output_len', '?')} tokens: "
+                      f"{'yes' if all(x.get('ignore_eos_honoured') for x in lv) else 'no'} "
+                      f"(concurrency {'/'.join(str(x['concurrency']) for x in lv)})")
+    return value
+
+
+_SC = "serve_compare"
 FIGURES: tuple[Figure, ...] = (
     # ---------------------------------------------------------------------------------------------- serving
-    Figure(SERVE, "(c) finemed-ray, TTT off / (a) `vllm serve`: output tokens/s, on GPU",
-           target="serve.vs_vllm_serve_gpu", gpu=True, note=_COMPARE),
+    Figure(SERVE, "(c) finemed-ray, TTT off / (a) `vllm serve`: output tokens/s, on GPU (lowest over concurrency)",
+           _SC, _compare_ratio("c_over_a", judged=True), target="serve.vs_vllm_serve_gpu", gpu=True, note=_COMPARE),
     Figure(SERVE, "(c) finemed-ray, TTT off / (a) `vllm serve`: output tokens/s, on CPU (reported, no target)",
-           note=_COMPARE),
-    Figure(SERVE, "(c) finemed-ray, TTT off / (b) `ray.serve.llm` `build_openai_app`: output tokens/s", note=_COMPARE),
-    Figure(SERVE, "(d) finemed-ray, TTT on for 10% of requests / (a) `vllm serve`: output tokens/s", note=_COMPARE),
+           _SC, _compare_ratio("c_over_a"), select=lambda d: not is_gpu(d), note=_COMPARE),
+    Figure(SERVE, "(c) finemed-ray, TTT off / (b) `ray.serve.llm` `build_openai_app`: output tokens/s", _SC,
+           _compare_ratio("c_over_b"), note=_COMPARE),
+    Figure(SERVE, "(d) finemed-ray, TTT on for 10% of requests / (a) `vllm serve`: output tokens/s", _SC,
+           _compare_ratio("d_over_a"), note=_COMPARE),
+    *(Figure(SERVE, f"({s}) {name}: per concurrency", _SC, _compare_system(s)) for s, name in (
+        ("a", "`vllm serve`"), ("b", "`ray.serve.llm` `build_openai_app`"), ("c", "finemed-ray, TTT off"),
+        ("d", "finemed-ray, TTT on for 10% of requests"),
+        ("e", "finemed-ray, TTT off, `tuning` off (per-token streaming, Serve defaults)"))),
+    Figure(SERVE, "(c) finemed-ray / (e) the same with `tuning` off: output tokens/s (what chunked streaming and "
+           "Serve's throughput settings gave)", _SC, _compare_ratio("c_over_e")),
     Figure(SERVE, "requests/s at concurrency 16 / at concurrency 1, through our endpoint", "serve",
            lambda d: d.get("rps_16_over_1"), "serve.rps_16_over_1",
            json_target=lambda d: get(d, "targets.rps_16_over_1"),
