@@ -1,7 +1,7 @@
 """Serving, like for like (issue 18 item 2): four OpenAI-compatible servers over the same tiny model, driven by vLLM's
 own benchmark client with the same random prompts at the same concurrency levels, in one run.
 
-    .venv/bin/python -m bench.serve_compare [--concurrency 1,4,16,64] [--num-prompts 24] [--input-len 64]
+    .venv/bin/python -m bench.serve_compare [--concurrency 1,4,16,64] [--num-prompts 32] [--input-len 64]
         [--output-len 32] [--systems a,b,c,d] [--no-lora] [--ttt-every 10] [--out PATH]
 
 (a) ``vllm serve`` (vLLM's OpenAI server); (b) ``ray.serve.llm``'s ``build_openai_app``; (c) finemed-ray's endpoint
@@ -15,7 +15,7 @@ logging off and, unless ``--no-lora``, LoRA enabled with the slots our endpoint 
 LoRA is on in all of them or in none. The client is ``vllm.benchmarks.serve`` (what ``vllm bench serve`` runs), in
 this process: ``--backend openai-chat``, streaming, the random dataset (``ignore_eos`` true, so every answer should be
 ``--output-len`` tokens: the JSON checks that each server honoured it), greedy, ``--max-concurrency`` per level with
-``max(--num-prompts, 2 x concurrency)`` prompts (the same prompts everywhere: seed 0), after a discarded warm-up.
+``max(--num-prompts, 4 x concurrency)`` prompts (the same prompts everywhere: seed 0), after a discarded warm-up.
 Each server runs in its own process group (Ray clusters of their own), one at a time, and is killed with all its
 descendants before the next starts.
 
@@ -278,14 +278,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--num-prompts", type=int, default=24, help="prompts per level: max(this, 2 x concurrency)")
+    ap.add_argument("--num-prompts", type=int, default=32, help="prompts per level: max(this, 4 x concurrency)")
     ap.add_argument("--input-len", type=int, default=64, help="random prompt tokens (before the chat template)")
     ap.add_argument("--output-len", type=int, default=32, help="tokens per answer (ignore_eos)")
     ap.add_argument("--systems", default="a,b,c,d,e", help="e: (c) with the tuning section off (before/after)")
     ap.add_argument("--no-lora", action="store_true", help="LoRA off in every server; (d) is then skipped")
     ap.add_argument("--ttt-every", type=int, default=10, help="(d): every N-th request is a TTT request")
     ap.add_argument("--warmup-prompts", type=int, default=8)
-    ap.add_argument("--ready-timeout", type=float, default=300)
+    ap.add_argument("--ready-timeout", type=float, default=600,
+                    help="seconds a server may take to answer (start-ups took 100-300 s on a loaded 2-core machine)")
     ap.add_argument("--finemed-override", action="append", default=[],
                     help="extra configs/serve_tiny.yaml overrides for (c)/(d), e.g. tuning.stream_interval_ms=0")
     ap.add_argument("--out", default=None)
@@ -325,7 +326,7 @@ def main() -> int:
         "setting": {"model": "tiny Llama (finemed_ray.models.tiny defaults)", "dtype": "float32",
                     "max_model_len": MAX_MODEL_LEN, "input_len": args.input_len, "output_len": args.output_len,
                     "concurrency": levels, "num_prompts_min": args.num_prompts,
-                    "prompts_per_level": {str(c): max(args.num_prompts, 2 * c) for c in levels},
+                    "prompts_per_level": {str(c): max(args.num_prompts, 4 * c) for c in levels},
                     "lora": ("enabled in all servers: " + json.dumps(LORA_SLOTS)) if lora else "disabled in all",
                     "ttt_every": args.ttt_every if "d" in systems else None,
                     "client": "vllm.benchmarks.serve (vllm bench serve), openai-chat backend, streaming, random "
@@ -370,7 +371,7 @@ def main() -> int:
                         mods = [f"{MODEL_ID}:ttt"] + [MODEL_ID] * (args.ttt_every - 1)
                     levels_out = []
                     for c in levels:
-                        n = max(args.num_prompts, 2 * c)
+                        n = max(args.num_prompts, 4 * c)
                         t0 = time.perf_counter()
                         res = run_client(bench_args(server.url, model_dir, args.input_len, args.output_len, n, c,
                                                     mods))
