@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             r.setdefault("kept_from", {"commit": prev.get("commit"), "date": prev.get("date"),
                                        "command": prev.get("command")})
             runs.append(r)
+        failed += prev.get("failed") or []  # earlier failures stay on record
     for seeds, replicas in plan:
         if any(r["seeds"] == seeds and r["replicas"] == replicas for r in runs):
             continue
@@ -204,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                               timeout=args.max_minutes * 60 * 1.5 + 600)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:  # recorded, not fatal: e.g. Ray's memory monitor killing an engine on a shared machine
-            cause = [l for l in proc.stderr.splitlines() if "Error" in l or "error" in l][-3:]
+            cause = [l[:300] for l in proc.stderr.splitlines()
+                     if any(w in l for w in ("OutOfMemory", "memory", "killed", "Error:", "died"))][-6:]
             failed.append({"seeds": seeds, "replicas": replicas, "rc": proc.returncode, "errors": cause,
                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             print(json.dumps({"failed": failed[-1]}), flush=True)
-            Path(f"{workdir}/failed-{seeds}-{replicas}.log").write_text(proc.stderr)
+            Path(f"/tmp/synth_scale_failed-{seeds}-{replicas}-{int(time.time())}.log").write_text(proc.stderr)
         else:
             runs.append(json.loads(line[len("RESULT "):]))
             runs[-1]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
