@@ -9,15 +9,15 @@ from finemed_ray.errors import ConfigError
 
 
 def config_classes() -> dict[str, type]:
-    from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
     from finemed_ray.synth.config import SynthJobConfig
     from finemed_ray.train.recipe import RecipeConfig
     from finemed_ray.ttt.config import IndexJobConfig
     from finemed_ray.eval.config import EvalJobConfig
     from finemed_ray.serving.config import ServeConfig
-    from finemed_ray.train.grpo import GRPOJobConfig
+    from finemed_ray.train.stages import STAGES
 
-    return {"sft": SFTJobConfig, "dpo": DPOJobConfig, "grpo": GRPOJobConfig, "recipe": RecipeConfig, "synth": SynthJobConfig,
+    stages = {kind: stage.config_class() for kind, stage in STAGES.items()}
+    return {**stages, "recipe": RecipeConfig, "synth": SynthJobConfig,
             "eval": EvalJobConfig, "index": IndexJobConfig, "serve": ServeConfig}
 
 

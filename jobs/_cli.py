@@ -45,6 +45,15 @@ def parse(cls: type[T], description: str, argv: list[str] | None = None) -> T:
     return load_config(cls, ns.config, ns.overrides)
 
 
+def run_stage_job(kind: str, argv: list[str] | None = None) -> dict:
+    """``python -m jobs.<kind>`` for a training stage of :data:`~finemed_ray.train.stages.STAGES`: parse its
+    config, then setup -> run -> save; the summary."""
+    from finemed_ray.train.stages import STAGES, run_stage
+
+    stage = STAGES[kind]
+    return run_stage(kind, parse(stage.config_class(), stage.title, argv))[1]
+
+
 def log_dir() -> str:
     return os.environ.get("FINEMED_LOG_DIR") or os.path.join(tempfile.gettempdir(), "finemed-ray-logs")
 

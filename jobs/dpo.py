@@ -6,16 +6,11 @@
 
 from __future__ import annotations
 
-from jobs._cli import main, parse
-from finemed_ray.train.configs import DPOJobConfig
-from finemed_ray.train.sft import DPOJob
+from jobs._cli import main, run_stage_job
 
 
 def run(argv: list[str] | None = None) -> dict:
-    cfg = parse(DPOJobConfig, "finemed-ray DPO (Ray Train + DeepSpeed ZeRO-3 + TRL)", argv)
-    job = DPOJob(cfg).setup()
-    job.run()
-    return job.save()
+    return run_stage_job("dpo", argv)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,11 @@ under DeepSpeed ZeRO-3.
 
 from __future__ import annotations
 
-from jobs._cli import main, parse
-from finemed_ray.train.grpo import GRPOJob, GRPOJobConfig
+from jobs._cli import main, run_stage_job
 
 
 def run(argv: list[str] | None = None) -> dict:
-    cfg = parse(GRPOJobConfig, "finemed-ray GRPO (Ray Train + DeepSpeed ZeRO-3 + TRL)", argv)
-    job = GRPOJob(cfg).setup()
-    job.run()
-    return job.save()
+    return run_stage_job("grpo", argv)
 
 
 if __name__ == "__main__":

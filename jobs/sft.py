@@ -6,16 +6,11 @@
 
 from __future__ import annotations
 
-from jobs._cli import main, parse
-from finemed_ray.train.configs import SFTJobConfig
-from finemed_ray.train.sft import SFTJob
+from jobs._cli import main, run_stage_job
 
 
 def run(argv: list[str] | None = None) -> dict:
-    cfg = parse(SFTJobConfig, "finemed-ray SFT (Ray Train + DeepSpeed ZeRO-3 + TRL)", argv)
-    job = SFTJob(cfg).setup()
-    job.run()
-    return job.save()
+    return run_stage_job("sft", argv)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from pydantic import Field, field_validator
 from finemed_ray import storage
 from finemed_ray.config import StrictModel, validate
 from finemed_ray.errors import ConfigError
-from finemed_ray.train.configs import DPOJobConfig, SFTJobConfig
-from finemed_ray.train.grpo import GRPOJobConfig
+from finemed_ray.train.configs import SFTJobConfig
+from finemed_ray.train.stages import STAGES, run_stage
 
 
-STAGE_KINDS = {"sft": SFTJobConfig, "dpo": DPOJobConfig, "grpo": GRPOJobConfig}
+STAGE_KINDS = {kind: stage.config_class() for kind, stage in STAGES.items()}  # kind -> config class
 
 
 class StageSpec(StrictModel):
@@ -86,11 +86,6 @@ def _deep_update(base: dict, update: dict) -> None:
 
 def run_recipe(recipe: RecipeConfig, only: list[str] | None = None) -> dict[str, Any]:
     """Run the stages (all, or the named ones: a later stage alone needs its parent's export to exist)."""
-    from finemed_ray.train.grpo import GRPOJob
-    from finemed_ray.train.sft import DPOJob, SFTJob
-
-    jobs = {"sft": SFTJob, "dpo": DPOJob, "grpo": GRPOJob}
-
     t0 = time.time()
     results = []
     for spec, cfg in zip(recipe.stages, recipe.stage_configs()):
@@ -98,11 +93,7 @@ def run_recipe(recipe: RecipeConfig, only: list[str] | None = None) -> dict[str,
             continue
         if spec is not recipe.stages[0]:
             _check_parent(cfg)  # before any compute: a missing or half-written parent export
-        job = jobs[spec.kind](cfg)
-        job.stage = f"{spec.kind}:{spec.name}"
-        job.setup()
-        job.run()
-        results.append(job.save())
+        results.append(run_stage(spec.kind, cfg, label=f"{spec.kind}:{spec.name}")[1])
     return {"recipe": recipe.name, "stages": results, "seconds": round(time.time() - t0, 3)}
 
 
