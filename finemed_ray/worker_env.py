@@ -1,7 +1,7 @@
 """What a local Ray cluster's workers get from the driver's environment, without a value ever entering a log.
 
 Ray logs every ``runtime_env`` (``runtime_env_agent.log``, job records), so no forwarded *value* goes there: the
-variables :data:`finemed_ray.train.sft.FORWARDED_ENV_PREFIXES` selects (``AWS_*``, ``HF_*``, ``FINEMED_*``, ...,
+variables :data:`finemed_ray.cluster.FORWARDED_ENV_PREFIXES` selects (``AWS_*``, ``HF_*``, ``FINEMED_*``, ...,
 secrets among them: ``AWS_SECRET_ACCESS_KEY``, ``HF_TOKEN``, API keys) are written to a private file (mode 0600 in a
 0700 directory, removed when the driver exits) and only its *path* travels, in ``FINEMED_WORKER_ENV_FILE``.
 :func:`setup_worker`, the cluster's ``worker_process_setup_hook``, reads the file in every worker process before

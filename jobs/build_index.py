@@ -14,7 +14,7 @@ from finemed_ray.ttt.config import IndexJobConfig
 
 def run(argv: list[str] | None = None) -> dict:
     from finemed_ray import storage
-    from finemed_ray.train.sft import ensure_ray_address
+    from finemed_ray.cluster import ensure_ray_address
     from finemed_ray.ttt.index import build_index
 
     cfg = parse(IndexJobConfig, "finemed-ray TTT retrieval index (Ray Data + an encoder)", argv)

@@ -17,7 +17,7 @@ from finemed_ray.eval.config import EvalJobConfig
 def run(argv: list[str] | None = None) -> dict:
     from finemed_ray import storage
     from finemed_ray.eval.runner import Evaluation
-    from finemed_ray.train.sft import ensure_ray_address
+    from finemed_ray.cluster import ensure_ray_address
 
     cfg = parse(EvalJobConfig, "finemed-ray evaluation (Ray Data batch inference, optional TTT)", argv)
     storage.check_writable(cfg.output.path)  # fail before any model is loaded

@@ -40,7 +40,7 @@ def start(cfg: ServeConfig, blocking: bool = True) -> dict:
     from ray import serve
 
     from finemed_ray.serving.app import build_app
-    from finemed_ray.train.sft import ensure_ray_address
+    from finemed_ray.cluster import ensure_ray_address
 
     # ray.address, RAY_ADDRESS (a RayService / `ray job submit`), else a fresh local cluster -- never address="auto",
     # which can pick up a stale cluster address left in /tmp/ray and hang.

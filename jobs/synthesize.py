@@ -15,7 +15,7 @@ from finemed_ray.synth.config import SynthJobConfig
 def run(argv: list[str] | None = None) -> dict:
     from finemed_ray import storage
     from finemed_ray.synth.pipeline import SynthesisPipeline
-    from finemed_ray.train.sft import ensure_ray_address
+    from finemed_ray.cluster import ensure_ray_address
 
     cfg = parse(SynthJobConfig, "finemed-ray synthesis (Ray Data + teacher LLMs)", argv)
     storage.check_writable(cfg.output.path)  # fail before any teacher call

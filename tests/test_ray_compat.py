@@ -9,7 +9,7 @@ import pytest
 def local_ray():
     import ray
 
-    from finemed_ray.train.sft import ensure_ray_address
+    from finemed_ray.cluster import ensure_ray_address
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.shutdown()

@@ -31,7 +31,7 @@ def test_env_file_is_private_and_fills_only_missing_variables(monkeypatch):
 def test_variables_reach_workers_and_no_ray_log_holds_them(monkeypatch):
     import ray
 
-    from finemed_ray.train.sft import ensure_ray_address
+    from finemed_ray.cluster import ensure_ray_address
 
     values = {"AWS_SECRET_ACCESS_KEY": f"dummy-s3-secret-{uuid.uuid4().hex}",
               "FINEMED_API_KEY": f"dummy-api-key-{uuid.uuid4().hex}",

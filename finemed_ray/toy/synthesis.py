@@ -82,7 +82,7 @@ def synthesize_demo_data(out_uri: str, work_uri: str, *, overrides: list[str] | 
             # an old cache can never be hit, so drop it instead of letting it grow.
             storage.delete(storage.join(cfg.output.path, "cache"))
         if not ray.is_initialized():
-            from finemed_ray.train.sft import ensure_ray_address
+            from finemed_ray.cluster import ensure_ray_address
 
             ensure_ray_address(cfg.ray.address, cfg.ray.local_num_cpus)
             started_ray = True
