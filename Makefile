@@ -66,7 +66,7 @@ s3-sample: install
 # Benchmarks (bench/README.md): each writes bench/results/<name>_<device>.json, one at a time; hours on a 2-core CPU
 # machine. `make bench BENCHES="ttt serve"` runs some of them. Either way it ends by regenerating bench/RESULTS.md.
 BENCHES ?= sft_throughput train_overhead packing_throughput streaming_rss synthesis ttt ttt_lm_head ttt_shape_creep \
-	cpu_linear serve index_scale dpo_packing
+	cpu_linear serve serve_compare synth_scale index_scale dpo_packing
 .PHONY: bench bench-table
 
 bench: install
