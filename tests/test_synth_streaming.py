@@ -174,7 +174,51 @@ def test_streaming_writes_what_the_per_step_pipeline_writes(ray_cluster, tmp_pat
 
 
 @SLOW
-@pytest.mark.timeout(2400)  # ~10 engine starts for the per-step run, ~40-90 s each on a loaded 2-core machine
+@pytest.mark.timeout(1200)
+def test_vllm_engine_actor_writes_what_ray_data_llm_writes(ray_cluster, tiny_model_dir):
+    """The streaming path's engine actor and the per-step path's ray.data.llm processor, same requests (pipeline
+    prompts, free text and a structured-output regex), greedy float32: the same texts and token counts, and the
+    same error for a prompt over max_model_len. With the http test above (streaming == per-step for the same teacher
+    replies), this is the vLLM per-step comparison at a cost of two engine starts instead of one per step."""
+    import ray.data
+
+    from bench.synth_scale import REASONING_RE
+    from finemed_ray.synth import prompts
+    from finemed_ray.synth.engines import EnginePool
+    from finemed_ray.synth.taxonomy import DEFAULT_TAXONOMY
+    from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+
+    texts = [r["text"] for r in map(json.loads, seed_lines(4)[:4])]
+    built = [prompts.classify_primary(t, DEFAULT_TAXONOMY) for t in texts] + [prompts.answer_complex(t, "What is the first-line test?") for t in texts]
+    requests = [{"key": f"k{i}", "messages": m} for i, m in enumerate(built)]
+    requests.append({"key": "too-long", "messages": [{"role": "user", "content": "fever " * 1500}]})
+    extra = {"device": "cpu", "engine_kwargs": {"dtype": "float32", "max_model_len": 1024}}
+    free = TeacherSpec(backend="vllm", model=str(tiny_model_dir), max_tokens=12, batch_size=4, concurrency=1,
+                       extra=extra)
+    regex = TeacherSpec(backend="vllm", model=str(tiny_model_dir), max_tokens=96, batch_size=4, concurrency=1,
+                        extra={**extra, "sampling_params": {"structured_outputs": {"regex": REASONING_RE}}})
+    if make_teacher(free).resolve_device() != "cpu":
+        pytest.skip("not a CPU vLLM build")
+    pool = EnginePool.start(free, "parity")
+    try:
+        got = {s.max_tokens: {r["key"]: r for r in pool.generate(requests, s)} for s in (free, regex)}
+        assert [i["engine_starts"] for i in pool.info()] == [1]  # two teachers' settings, one engine
+    finally:
+        pool.close()
+    for spec in (free, regex):
+        want = {r["key"]: r for r in make_teacher(spec).map_dataset(ray.data.from_items(requests)).take_all()}
+        for r in requests[:-1]:
+            a, b = got[spec.max_tokens][r["key"]], want[r["key"]]
+            assert a["error"] is None and a["completion_tokens"] > 0
+            assert (a["text"], a["prompt_tokens"], a["completion_tokens"], a["error"]) == \
+                (b["text"], b["prompt_tokens"], b["completion_tokens"], b["error"]), (spec.max_tokens, r["key"])
+        assert got[spec.max_tokens]["too-long"]["error"].startswith("vllm:") and want["too-long"]["error"]
+    assert all(got[96][f"k{i}"]["text"].startswith("## Thought\n") for i in range(len(built)))  # constrained
+    assert not any(got[12][f"k{i}"]["text"].startswith("## Thought\n") for i in range(len(built)))  # free
+
+
+@SLOW
+@pytest.mark.timeout(5400)  # ~10 engine starts for the per-step run: 1-4 min each on a loaded 2-core machine  # ~10 engine starts for the per-step run, ~40-90 s each on a loaded 2-core machine
 def test_vllm_engine_starts_once_per_run_and_matches_per_step(ray_cluster, tmp_path, tiny_model_dir):
     from bench.synth_scale import job_config
     from finemed_ray.synth.teachers import make_teacher
