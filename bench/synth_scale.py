@@ -165,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_one(int(seeds), int(replicas), args.batch, workdir, model)), flush=True)
         return 0
 
-    try:  # moving to finemed_ray.toy (a refactor in progress beside this file)
-        from finemed_ray.toy.tiny_model import save_tiny_model
-    except ImportError:
-        from finemed_ray.toy.tiny_model import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
 
     workdir = H.scratch_dir("synth-scale-")
     model = f"{workdir}/tiny"

@@ -913,15 +913,3 @@ def check_writable(uri: str) -> None:
     probe = join(uri, f".finemed-write-probe-{os.getpid()}")
     write_bytes(probe, b"")
     delete(probe)
-
-
-
-
-def __getattr__(name: str):
-    # The embedded S3 server is a test/demo fixture: it lives in finemed_ray.toy.s3_server. This keeps the old
-    # ``EmbeddedS3`` name working for scripts written against it; no product module uses it.
-    if name == "EmbeddedS3":
-        from finemed_ray.toy.s3_server import EmbeddedS3
-
-        return EmbeddedS3
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

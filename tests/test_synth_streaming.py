@@ -18,10 +18,7 @@ import pytest
 from finemed_ray import storage
 from finemed_ray.synth.config import SynthJobConfig
 from finemed_ray.synth.pipeline import SynthesisPipeline
-try:  # the test fixtures move to finemed_ray.toy (a refactor in progress beside this file)
-    from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer, pipeline_reply
-except ImportError:
-    from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer, pipeline_reply
+from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer, pipeline_reply
 
 SLOW = pytest.mark.slow  # full pipeline runs (~1-2 min for the http test on 2 cores; the vLLM test 10-30 min)
 

@@ -20,7 +20,8 @@ from finemed_ray.toy.sample import (
     write_jsonl,
 )
 from finemed_ray.errors import ModelError
-from finemed_ray.models import loading, tiny
+from finemed_ray.models import loading
+from finemed_ray.toy import tiny_model as tiny
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful professional doctor."},
