@@ -119,10 +119,10 @@ def serve_finemed(model_dir: str, port: int, lora: bool, overrides: list[str]) -
     from ray import serve
 
     from finemed_ray.config import load_config
-    from finemed_ray.data.sample import sample_sft_rows, write_jsonl
+    from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
     from finemed_ray.serving.app import build_app
     from finemed_ray.serving.config import ServeConfig
-    from finemed_ray.storage import EmbeddedS3
+    from finemed_ray.toy.s3_server import EmbeddedS3
     from finemed_ray.ttt.embed import EncoderSpec
     from finemed_ray.ttt.index import build_index
 
@@ -308,7 +308,7 @@ def main() -> int:
         return 0
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from finemed_ray.models.tiny import save_tiny_model
+    from finemed_ray.toy.tiny_model import save_tiny_model
 
     levels = [int(c) for c in args.concurrency.split(",")]
     systems = [s for s in args.systems.split(",") if s]
@@ -323,7 +323,7 @@ def main() -> int:
              "temperature": 0}
     results: dict[str, Any] = {
         "benchmark": "serve_compare", "host": H.host_info(),
-        "setting": {"model": "tiny Llama (finemed_ray.models.tiny defaults)", "dtype": "float32",
+        "setting": {"model": "tiny Llama (finemed_ray.toy.tiny_model defaults)", "dtype": "float32",
                     "max_model_len": MAX_MODEL_LEN, "input_len": args.input_len, "output_len": args.output_len,
                     "concurrency": levels, "num_prompts_min": args.num_prompts,
                     "prompts_per_level": {str(c): max(args.num_prompts, 4 * c) for c in levels},
