@@ -188,8 +188,10 @@ class Monitor:
         self._ours: set[tuple[int, float]] = set()
         self.workers: dict[int, dict[str, Any]] = {}
         self.load_samples: list[float] = []
-        # (time, own cpu s, foreign cpu s, load1, own cpu s without this driver process itself)
-        self.timeline: list[tuple[float, float, float, float, float]] = []
+        # (time, own cpu s, foreign cpu s, load1, own cpu s without this driver process itself, CPU s of the
+        # sampling thread so far)
+        self.timeline: list[tuple[float, float, float, float, float, float]] = []
+        self.sampler_cpu = 0.0
         self.samples = 0
 
     # -- sampling
@@ -264,7 +266,10 @@ class Monitor:
                 foreign += delta
         load1 = os.getloadavg()[0]
         self.load_samples.append(load1)
-        self.timeline.append((now, own, foreign, load1, own - root))
+        # This sampler's own CPU (it runs in the driver, whose CPU counts as ours): callers subtract it.
+        if threading.current_thread() is self._thread:
+            self.sampler_cpu = time.thread_time()
+        self.timeline.append((now, own, foreign, load1, own - root, self.sampler_cpu))
         self.samples += 1
 
     def _run(self) -> None:
@@ -529,7 +534,7 @@ def synthetic_conversations(n: int, seed: int = 0, median_words: float = 120.0, 
     """``n`` SFT rows whose assistant answers have log-normally distributed lengths (median ``median_words``).
 
     Text is the package's own medical sentences (the tiny tokenizer's corpus), so no external files are read."""
-    from finemed_ray.data.sample import _GENERAL_MEDICAL_TEXT, sample_sft_rows
+    from finemed_ray.toy.sample import _GENERAL_MEDICAL_TEXT, sample_sft_rows
 
     sentences = [s for s in _GENERAL_MEDICAL_TEXT.splitlines() if s.strip()]
     base = sample_sft_rows(n=n, seed=seed)

@@ -109,8 +109,9 @@ def test_figures_not_measured_are_listed_not_numbered(tmp_path):
     assert serve_gpu[2:5] == ["-", ">= 0.9x `vllm serve` (on GPU)", rt.NO_GPU]
     (index,) = _rows_of(text, "ANN query p99 at 10^7 vectors")
     assert index[2:5] == ["-", "< 20 ms", rt.NOT_MEASURED]
-    (train,) = _rows_of(text, "stack (Ray Train + TRL + ZeRO-3) / bare DeepSpeed ZeRO-3 loop")
-    assert train[2:5] == ["-", "<= 1.10x a bare DeepSpeed ZeRO-3 loop", rt.NOT_MEASURED]
+    train = _rows_of(text, "stack (Ray Train + TRL + ZeRO-3) / bare DeepSpeed ZeRO-3 loop")
+    assert len(train) == 4  # whole run wall / CPU, training phase wall / training processes CPU
+    assert all(r[2:5] == ["-", "<= 1.10x a bare DeepSpeed ZeRO-3 loop", rt.NOT_MEASURED] for r in train)
     (replicas,) = _rows_of(text, "rows/s with 2 teacher replicas / 1")
     assert replicas[4] == rt.NOT_MEASURED
 
@@ -140,3 +141,47 @@ def test_check_mode(tmp_path):
     assert row[2:5] == ["+20.00% (unknown -> unknown MiB)", "<= +10%", "**not met**"]
     out.write_text(out.read_text().replace("not met", "met"))
     assert rt.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
+
+
+def _spread(*v: float) -> dict:
+    return {"min": min(v), "median": sorted(v)[len(v) // 2], "max": max(v), "all": list(v)}
+
+
+def test_train_totals_and_scaling_are_read(tmp_path):
+    """bench/train_overhead.py's totals (issue 18 item 3) are judged per total on the ratio of the medians; fewer than
+    5 repeats is flagged and leaves the target's own row unmeasured; the scaling curve is listed."""
+    totals = {"repeats": {"stack_zero3": 3, "bare_zero3": 3}, "at_least_5_repeats": False,
+              "stack_zero3": {}, "bare_zero3": {}, "ratios": {}, "meets_target": {}}
+    for key in ("job_wall_s", "job_cpu_s", "train_wall_s", "train_procs_cpu_s"):
+        totals["stack_zero3"][key] = _spread(10.0, 11.0, 12.0)
+        totals["bare_zero3"][key] = _spread(10.0, 10.0, 10.0)
+        totals["ratios"][key] = {"of_medians": 1.1, "per_pair": [1.0, 1.1, 1.2], "min_pair": 1.0, "max_pair": 1.2}
+        totals["meets_target"][key] = True
+    _write(tmp_path, "train_overhead_cpu.json", {
+        "benchmark": "train_overhead", "device": "cpu", "rows": 512, "totals": totals,
+        "targets": {"vs_bare_zero3_total": 1.10},
+        "scaling": {"global_batch": 8, "cpus": 2, "points": [
+            {"workers": n, "train_wall_s": t, "speedup_train_wall_vs_fewest": s, "step_median_ms": m,
+             "oversubscribed": n > 2} for n, t, s, m in ((1, 4.0, 1.0, 50.0), (2, 3.0, 1.333, 40.0),
+                                                      (4, 5.0, 0.8, 70.0))]}})
+    text = rt.render(rt.load_results(tmp_path))
+    (wall,) = _rows_of(text, "stack (Ray Train + TRL + ZeRO-3) / bare DeepSpeed ZeRO-3 loop: total wall time of the "
+                             "whole run, >= 5 repeats (min/median/max) | ")
+    assert wall[4] == "**met**" and wall[2].startswith("1.1x (per repeat 1x-1.2x); stack 10.0 / 11.0 / 12.0 s")
+    assert "`totals.at_least_5_repeats` is False" in text
+    assert len(_rows_of(text, "stack (Ray Train + TRL + ZeRO-3) / bare DeepSpeed ZeRO-3 loop: total wall time of the "
+                              "whole run, >= 5 repeats (min/median/max), at >= 5 repeats")) == 1
+    (scale,) = _rows_of(text, "worker scaling on a fixed global batch")
+    assert "at 1 / 2 / 4 workers" in scale[2] and "(4 workers oversubscribe them)" in scale[2]
+
+
+def test_ttt_memory_of_8_questions_is_read(tmp_path):
+    _write(tmp_path, "ttt_cpu.json", {
+        "benchmark": "ttt", "host": {"device": "cpu"}, "max_new_tokens": 512, "ttt": {"k": 3, "steps": 4, "r": 8},
+        "model": {"parameters": 1e8, "weights_mib": 400.0},
+        "memory": {"default_allocator": {"ttt_8_growth_fraction_of_model": 0.08, "ttt_8_growth_over_plain_mib": 32.0,
+                                         "ttt_8_private_growth_fraction_of_model": 0.07}},
+        "targets": {"memory_growth_fraction_8": 0.05}, "meets_targets": {"memory_growth_8": False}})
+    text = rt.render(rt.load_results(tmp_path))
+    (row,) = _rows_of(text, "extra peak memory of TTT over plain answering, 8 concurrent questions")
+    assert row[2].startswith("8.00% (+32 MiB peak RSS") and row[4] == "**not met**"
