@@ -8,7 +8,7 @@ STAMP := $(VENV)/.finemed-installed
 # pinned through constraints/cpu.txt so nothing pulls a multi-GB CUDA build.
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: install preflight demo test test-slow test-all s3 s3-sample clean
+.PHONY: install preflight demo test test-slow test-proof test-all s3 s3-sample clean
 
 # A C++ compiler (DeepSpeed builds its CPU ops on first use), Python version, free disk: stdlib only, system python.
 preflight:
@@ -45,16 +45,20 @@ test: install
 	$(PY) -m pytest
 
 test-slow: install
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m "slow and not proof"
+
+# The longest proofs (GRPO's learning proof, the vLLM synthesis pipeline streaming vs per step): 15-60 min each.
+test-proof: install
+	$(PY) -m pytest -m proof
 
 test-all: install
 	$(PY) -m pytest -m ""
 
 # GRPO's learning proof (12-20 min on 2 cores, too long for the demo): recipe up to reasoning SFT, then GRPO; held-out
-# reasoning-mode accuracy before and after, McNemar's exact test (tests/test_grpo.py, also in `make test-slow`).
+# reasoning-mode accuracy before and after, McNemar's exact test (tests/test_grpo.py, also in `make test-proof`).
 .PHONY: grpo-proof
 grpo-proof: install
-	$(PY) -m pytest -m slow -s tests/test_grpo.py::test_grpo_raises_heldout_reasoning_accuracy
+	$(PY) -m pytest -m proof -s tests/test_grpo.py::test_grpo_raises_heldout_reasoning_accuracy
 
 s3: install
 	$(PY) -m finemed_ray.toy.s3_server serve-s3 --port 9000 --bucket finemed-demo

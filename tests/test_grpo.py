@@ -288,6 +288,7 @@ def prompt_accuracy(model_uri: str, prepared_uri: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.proof  # 12-20 min: `make grpo-proof` / `make test-proof`, not in CI's `make test-slow`
 @pytest.mark.timeout(5400)
 def test_grpo_raises_heldout_reasoning_accuracy(ray_cluster, s3):
     """The learning proof (``make grpo-proof``, ~20 min on 2 cores): the demo's recipe up to reasoning SFT on its own

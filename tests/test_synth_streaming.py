@@ -215,7 +215,8 @@ def test_vllm_engine_actor_writes_what_ray_data_llm_writes(ray_cluster, tiny_mod
 
 
 @SLOW
-@pytest.mark.timeout(5400)  # ~10 engine starts for the per-step run: 1-4 min each on a loaded 2-core machine  # ~10 engine starts for the per-step run, ~40-90 s each on a loaded 2-core machine
+@pytest.mark.proof  # 40+ min here: `make test-proof`, not in CI's `make test-slow`
+@pytest.mark.timeout(5400)  # ~10 engine starts for the per-step run: 1-4 min each on a loaded 2-core machine
 def test_vllm_engine_starts_once_per_run_and_matches_per_step(ray_cluster, tmp_path, tiny_model_dir):
     from bench.synth_scale import job_config
     from finemed_ray.synth.teachers import make_teacher
