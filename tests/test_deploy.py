@@ -234,12 +234,14 @@ def config_seen_by_job(spec: dict, monkeypatch: pytest.MonkeyPatch) -> tuple[typ
     stopped right after parsing, before anything starts."""
     argv = shlex.split(spec["entrypoint"])
     module = importlib.import_module(argv[2])
-    real_parse = module.parse
+    # Stage jobs (jobs.sft/dpo/grpo) parse inside jobs._cli.run_stage_job; the others import parse themselves.
+    parser_home = module if hasattr(module, "parse") else importlib.import_module("jobs._cli")
+    real_parse = parser_home.parse
 
     def parse_then_stop(cls, description, job_argv=None):
         raise _Parsed(cls, real_parse(cls, description, job_argv))
 
-    monkeypatch.setattr(module, "parse", parse_then_stop)
+    monkeypatch.setattr(parser_home, "parse", parse_then_stop)
     monkeypatch.chdir(ROOT)
     with pytest.raises(_Parsed) as parsed:
         module.run(argv[3:])

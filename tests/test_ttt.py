@@ -88,12 +88,13 @@ def test_batched_adapters_equal_one_question_at_a_time(model_and_tokenizer, task
         alone = adapt_lora(model, tok, [keys[q]], [neighbours[q]], cfg)
         # Equal up to float summation order: a packed row's attention spans its padded width, which differs between
         # the batch and the single question, and Adam's normalisation (lr 1e-2 per step) can magnify the rounding
-        # of a near-zero gradient. So: every element within a tenth of one step's lr, almost all within 1e-5. A leak
-        # between questions would move most elements by about the lr.
+        # of a near-zero gradient. So: every element within a tenth of one step's lr, and the mean difference 100x
+        # below one step's lr. A leak between questions would move most elements by about the lr (mean ~1e-2). (An
+        # earlier "99% of elements within 1e-5" bound failed in CI at 2.5% on another CPU: rounding, not a leak.)
         for a, b in zip(together.lora.targets, alone.lora.targets):
             for x, y in ((a.A[q], b.A[0]), (a.B[q], b.B[0])):
                 diff = (x - y).abs()
-                assert diff.max() < 1e-3 and (diff > 1e-5).float().mean() < 0.01, (a.name, float(diff.max()))
+                assert diff.max() < 1e-3 and diff.mean() < 1e-4, (a.name, float(diff.max()), float(diff.mean()))
 
 
 def test_packed_examples_train_as_padded_ones(model_and_tokenizer, task, monkeypatch):
