@@ -73,6 +73,39 @@ def test_spec_validation_and_identity():
         s.model = "other"
 
 
+def test_one_teacher_type_for_synthesis_evaluation_and_the_factory():
+    """Synthesis teachers (``teachers.models.<name>``) and the evaluation ``engine`` are TeacherSpec itself, so a
+    teacher's mistakes surface when the YAML loads (naming the dotted key), not when a worker builds it."""
+    from pathlib import Path
+
+    from finemed_ray.config import load_config
+    from finemed_ray.eval.config import EvalJobConfig
+    from finemed_ray.synth.config import SynthJobConfig
+
+    root = Path(__file__).resolve().parents[1]
+    synth = load_config(SynthJobConfig, root / "configs/synth_http.yaml")
+    main = synth.teachers.models["main"]
+    assert type(main) is TeacherSpec
+    assert make_teacher(main).spec is main  # no re-validation, no copy
+    ev = load_config(EvalJobConfig, root / "configs/eval_tiny.yaml", ["engine.model=m", "output.path=/tmp/x"])
+    assert type(ev.engine) is TeacherSpec and make_teacher(ev.engine).spec is ev.engine
+
+    with pytest.raises(ConfigError, match=r"teachers\.models\.main: .*extra\.engine_kwargs: unknown key"):
+        load_config(SynthJobConfig, root / "configs/synth_http.yaml",
+                    ["teachers.models.main.extra={engine_kwargs: {}}"])
+    with pytest.raises(ConfigError, match=r"teachers\.models\.main\.temperature"):
+        load_config(SynthJobConfig, root / "configs/synth_http.yaml", ["teachers.models.main.temperature=3"])
+    with pytest.raises(ConfigError, match="NAME of an environment variable") as err:
+        load_config(SynthJobConfig, root / "configs/synth_http.yaml", ["teachers.models.main.api_key_env=sk-s3cr3t"])
+    assert "s3cr3t" not in str(err.value)
+    with pytest.raises(ConfigError, match="engine: .*needs base_url"):
+        load_config(EvalJobConfig, root / "configs/eval_tiny.yaml",
+                    ["engine.model=m", "output.path=/tmp/x", "engine.backend=http"])
+    with pytest.raises(ConfigError, match=r"engine: .*extra\.num_cpu: unknown key for backend 'hf'"):
+        load_config(EvalJobConfig, root / "configs/eval_tiny.yaml",
+                    ["engine.model=m", "output.path=/tmp/x", "engine.extra={num_cpu: 1}"])
+
+
 # ---------------------------------------------------------------------------------------------- http
 def test_http_results_in_order_with_tokens_and_bounded_concurrency():
     with ScriptedTeacherServer(echo, delay_s=0.05) as srv:

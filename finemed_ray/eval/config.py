@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from finemed_ray.config import StrictModel
 from finemed_ray.eval.benchmarks import BenchmarkSpec
-from finemed_ray.synth.config import TeacherConfig
+from finemed_ray.synth.config import TeacherSpec
 from finemed_ray.ttt.adapt import TTTConfig
 
 
@@ -99,7 +99,7 @@ VLLM_TTT_SAMPLING = frozenset({"top_p", "seed", "stop"})
 
 class EvalJobConfig(StrictModel):
     name: str = Field(description="Run name (in the report).")
-    engine: TeacherConfig = Field(
+    engine: TeacherSpec = Field(
         description="The model under evaluation behind the engine interface: hf (transformers), vllm, or http."
     )
     benchmarks: list[EvalBenchmarkSpec] = Field(

@@ -158,11 +158,11 @@ class EvalWorker:
     TTT on vLLM: :class:`VLLMTTTWorker`."""
 
     def __init__(self, cfg: dict, ttt: bool):
-        from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+        from finemed_ray.synth.teachers import make_teacher
 
         self.cfg = cfg
         self.ttt = ttt
-        self.teacher = make_teacher(TeacherSpec(**cfg["engine"]))
+        self.teacher = make_teacher(cfg["engine"])
         self.model, self.tokenizer = self.teacher.load()
         self.model.eval()
         if ttt:
@@ -290,7 +290,7 @@ class VLLMTTTWorker:
 
         self.cfg = cfg
         self.plain = plain
-        self.spec = TeacherSpec(**cfg["engine"])
+        self.spec = TeacherSpec.model_validate(cfg["engine"])
         opts = self.spec.parsed_extra()
         self.sampling = dict(opts.sampling_params)
         self.adapt_cfg = TTTConfig(**cfg["ttt"]["adapt"])
@@ -434,13 +434,13 @@ class Evaluation:
             out = self._vllm_ttt(ds, plain).take_all()
             return [{**{k: r[k] for k in PRED_KEYS}, **json.loads(r["extra"])} for r in out]
         if not ttt and self.cfg.scoring.method == "generate":
-            from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+            from finemed_ray.synth.teachers import make_teacher
 
-            teacher = make_teacher(TeacherSpec(**engine.model_dump()))
+            teacher = make_teacher(engine)
             answered = teacher.map_dataset(ds).take_all()
             return [_prediction(r, r["text"], r["error"], False, max_tokens=engine.max_tokens,
                                 completion_tokens=r.get("completion_tokens")) for r in answered]
-        num_cpus = float((engine.extra or {}).get("num_cpus", 1.0))
+        num_cpus = engine.parsed_extra().num_cpus  # an hf engine here: loglik and TTT on hf
         out = ds.map_batches(
             EvalWorker, fn_constructor_kwargs={"cfg": self.cfg_dict, "ttt": ttt}, batch_format="pyarrow",
             batch_size=self.cfg.ttt.adapt.batch_questions if ttt else engine.batch_size,
@@ -454,9 +454,9 @@ class Evaluation:
     def _vllm_ttt(self, ds: Any, plain: bool) -> Any:
         import ray.data
 
-        from finemed_ray.synth.teachers import TeacherSpec, VllmTeacher
+        from finemed_ray.synth.teachers import VllmTeacher
 
-        spec = TeacherSpec(**self.cfg.engine.model_dump())
+        spec = self.cfg.engine
         opts = spec.parsed_extra()
         device = VllmTeacher(spec).resolve_device()
         if device == "gpu":

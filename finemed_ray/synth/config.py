@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from finemed_ray.config import StrictModel
+from finemed_ray.config import StrictModel, validate
+from finemed_ray.errors import ConfigError
 
 # The teacher-calling steps, in pipeline order. `teachers.steps` maps each to a named teacher.
 TEACHER_STEPS = (
@@ -22,22 +24,139 @@ TEACHER_STEPS = (
 )
 
 
-class TeacherConfig(StrictModel):
-    backend: Literal["http", "hf", "vllm"] = Field(description="http (OpenAI-compatible), hf (transformers), vllm.")
-    model: str = Field(description="Model name (http) or a local/s3:// model directory (hf, vllm).")
-    base_url: str | None = Field(None, description="http: OpenAI-compatible base URL, e.g. http://host:8000/v1.")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="http: env var holding the API key (never the key).")
-    max_tokens: int = Field(512, ge=1, description="Generated tokens per call.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy.")
-    concurrency: int = Field(4, ge=1, description="http: requests in flight per Ray worker; hf/vllm: replicas.")
-    batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to the teacher.")
-    max_retries: int = Field(5, ge=0, description="http: retries on 429/5xx/timeouts, exponential backoff.")
+# ------------------------------------------------------------------------------------------------ teachers
+# The one type describing a teacher LLM: the YAML schema of `teachers.models.<name>` (synthesis) and `engine`
+# (evaluation), and what `finemed_ray.synth.teachers.make_teacher` and the synthesis engines take. Runtime-only
+# things (the API key itself, the engine actors) are arguments of the teachers, never fields here.
+class _Extra(StrictModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class HttpExtra(_Extra):
+    """``extra`` keys of the http backend."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Data tasks at a time in map_dataset.")
+    worker_num_cpus: float = Field(0.25, gt=0, description="Logical CPUs per map_dataset worker (I/O bound).")
+    backoff_base_s: float = Field(0.5, ge=0, description="First retry waits ~this long, doubling each retry.")
+    backoff_max_s: float = Field(30.0, ge=0, description="Cap on one backoff wait.")
+    retry_after_max_s: float = Field(120.0, ge=0, description="Cap on a server's Retry-After.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
+    request_extra: dict[str, Any] = Field(
+        default_factory=dict, description="Extra JSON body fields (top_p, seed...); a null value removes a field."
+    )
+
+
+class HfExtra(_Extra):
+    """``extra`` keys of the hf backend."""
+
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Torch dtype.")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per map_dataset / engine actor.")
+    onednn_linear: bool = Field(
+        True,
+        description="CPU float32 decoding: linears with <= 32 rows through oneDNN (finemed_ray.models.cpu_linear).",
+    )
+
+
+class VllmExtra(_Extra):
+    """``extra`` keys of the vllm backend."""
+
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: GPUs when the cluster has them or vLLM is a CUDA build, else CPU."
+    )
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments.")
+    sampling_params: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM SamplingParams.")
+    placement_group_config: dict[str, Any] | None = Field(None, description="ray.data.llm placement groups.")
+    accelerator_type: str | None = Field(None, description="E.g. H100 (GPU only).")
+    runtime_env: dict[str, Any] | None = Field(None, description="Runtime env of the processor stages / engines.")
+    max_concurrent_batches: int | None = Field(None, ge=1, description="Overlapping batches per engine.")
+    engine_num_cpus: float = Field(1.0, gt=0, description="CPU mode: logical CPUs of the engine actor.")
+    cpu_kvcache_gib: float = Field(1.0, gt=0, description="CPU mode: VLLM_CPU_KVCACHE_SPACE unless set.")
+    chat_template_stage: bool | dict[str, Any] | None = Field(None, description="ray.data.llm stage override.")
+    tokenize_stage: bool | dict[str, Any] | None = Field(None, description="ray.data.llm stage override.")
+    detokenize_stage: bool | dict[str, Any] | None = Field(None, description="ray.data.llm stage override.")
+
+
+EXTRA_MODELS: dict[str, type[_Extra]] = {"http": HttpExtra, "hf": HfExtra, "vllm": VllmExtra}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class TeacherSpec(StrictModel):
+    """Which teacher LLM to call and how. Immutable; unknown keys (also inside ``extra``) are errors."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: Literal["http", "hf", "vllm"] = Field(
+        description="http (OpenAI-compatible endpoint), hf (transformers), vllm (vLLM engine)."
+    )
+    model: str = Field(
+        min_length=1,
+        description="Model name sent to the endpoint (http) or a local / s3:// model directory (hf, vllm).",
+    )
+    base_url: str | None = Field(
+        None, description="http only (required there): OpenAI-compatible base URL, e.g. http://host:8000/v1."
+    )
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="http: NAME of the environment variable holding the API key (never the key)."
+    )
+    max_tokens: int = Field(512, ge=1, description="Most tokens generated per request.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
+    concurrency: int = Field(
+        4, ge=1, description="http: requests in flight per Ray worker; hf/vllm: replicas (engine actors)."
+    )
+    batch_size: int = Field(16, ge=1, description="Rows per Ray Data batch sent to the teacher (and per hf forward "
+                            "batch).")
+    max_retries: int = Field(5, ge=0, description="http: retries on 429/408/5xx/timeouts/connection errors, "
+                             "exponential backoff with jitter.")
     timeout_s: float = Field(60.0, gt=0, description="http: per-request timeout in seconds.")
-    extra: dict = Field(default_factory=dict, description="Backend-specific options (e.g. vllm engine_kwargs).")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Backend-specific options, checked per backend (HttpExtra, HfExtra, "
+        "VllmExtra in finemed_ray/synth/config.py), e.g. vllm engine_kwargs, hf num_cpus."
+    )
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> TeacherSpec:
+        # Checked here, not in a field validator: a field error would echo the value, and a value that is not
+        # an env var name may well be a pasted key.
+        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
+            raise ValueError(
+                "api_key_env must be the NAME of an environment variable holding the key (e.g. OPENAI_API_KEY), "
+                "never the key itself"
+            )
+        if self.backend == "http":
+            if not self.base_url:
+                raise ValueError("backend 'http' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+            if not re.match(r"^https?://[^/\s]+", self.base_url):
+                raise ValueError(f"base_url {self.base_url!r}: expected http(s)://host[:port]/path")
+        elif self.base_url is not None:
+            raise ValueError(f"base_url is only for backend 'http' (backend is {self.backend!r})")
+        try:
+            EXTRA_MODELS[self.backend].model_validate(self.extra)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"extra.{'.'.join(str(p) for p in e['loc'])}: "
+                + ("unknown key for backend " + repr(self.backend) if e["type"] == "extra_forbidden" else e["msg"])
+                for e in exc.errors()
+            )
+            known = ", ".join(EXTRA_MODELS[self.backend].model_fields)
+            raise ValueError(f"{problems} (known keys: {known})") from None
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | TeacherSpec, source: str = "teacher") -> TeacherSpec:
+        """Validate a mapping (e.g. a YAML section) into a spec; errors are ConfigError naming the key."""
+        if isinstance(data, TeacherSpec):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+        return validate(cls, data, source=source)
+
+    def parsed_extra(self) -> Any:
+        """``extra`` as its backend's options model (HttpExtra, HfExtra or VllmExtra), defaults filled in."""
+        return EXTRA_MODELS[self.backend].model_validate(self.extra)
 
 
 class TeachersSection(StrictModel):
-    models: dict[str, TeacherConfig] = Field(description="Named teachers, e.g. {main: ..., reasoner: ..., judge: ...}.")
+    models: dict[str, TeacherSpec] = Field(description="Named teachers, e.g. {main: ..., reasoner: ..., judge: ...}.")
     default: str = Field(description="Teacher used by every step not listed in `steps`.")
     steps: dict[str, str] = Field(
         default_factory=dict, description=f"Step -> teacher name overrides; steps: {', '.join(TEACHER_STEPS)}."
@@ -55,7 +174,7 @@ class TeachersSection(StrictModel):
                 raise ValueError(f"steps.{step}: unknown teacher {name!r}; defined: {sorted(names)}")
         return self
 
-    def for_step(self, step: str) -> tuple[str, TeacherConfig]:
+    def for_step(self, step: str) -> tuple[str, TeacherSpec]:
         name = self.steps.get(step, self.default)
         return name, self.models[name]
 

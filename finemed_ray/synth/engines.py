@@ -30,7 +30,8 @@ import random
 import time
 from typing import Any
 
-from finemed_ray.synth.teachers import HfTeacher, TeacherSpec, _result, normalize_messages
+from finemed_ray.synth.config import TeacherSpec
+from finemed_ray.synth.teachers import HfTeacher, _result, normalize_messages
 
 log = logging.getLogger(__name__)
 

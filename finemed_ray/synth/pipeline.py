@@ -539,11 +539,11 @@ class SynthesisPipeline:
         self.t0 = time.time()
 
     def teacher(self, step: str):
-        from finemed_ray.synth.teachers import TeacherSpec, make_teacher
+        from finemed_ray.synth.teachers import make_teacher
 
-        name, tc = self.cfg.teachers.for_step(STEPS[step][0])
+        name, spec = self.cfg.teachers.for_step(STEPS[step][0])
         if name not in self.teachers:
-            self.teachers[name] = make_teacher(TeacherSpec(**tc.model_dump()))
+            self.teachers[name] = make_teacher(spec)
         return name, self.teachers[name]
 
     def read(self):

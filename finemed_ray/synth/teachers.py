@@ -34,9 +34,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from finemed_ray.errors import ConfigError, DataError, FinemedError
+# The one teacher type (also the YAML schema of synthesis teachers and the evaluation engine) lives with the
+# configs; it is re-exported here beside the factory that takes it.
+from finemed_ray.synth.config import HfExtra, HttpExtra, TeacherSpec, VllmExtra
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -90,126 +91,6 @@ def find_teacher_unavailable(exc: BaseException | None) -> TeacherUnavailable | 
 
 
 _UNAVAILABLE_LINE = re.compile(r"^[\w.]*TeacherUnavailable: (.+)$", re.MULTILINE)
-
-
-# ================================================================================================ spec
-class _Extra(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class HttpExtra(_Extra):
-    """``extra`` keys of the http backend."""
-
-    num_workers: int = Field(2, ge=1, description="Ray Data tasks at a time in map_dataset")
-    worker_num_cpus: float = Field(0.25, gt=0, description="logical CPUs per map_dataset worker (I/O bound)")
-    backoff_base_s: float = Field(0.5, ge=0, description="first retry waits ~this long, doubling each retry")
-    backoff_max_s: float = Field(30.0, ge=0, description="cap on one backoff wait")
-    retry_after_max_s: float = Field(120.0, ge=0, description="cap on a server's Retry-After")
-    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
-    request_extra: dict[str, Any] = Field(
-        default_factory=dict, description="extra JSON body fields (top_p, seed...); a null value removes a field"
-    )
-
-
-class HfExtra(_Extra):
-    """``extra`` keys of the hf backend."""
-
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="torch dtype")
-    num_cpus: float = Field(1.0, gt=0, description="logical CPUs per map_dataset actor")
-    onednn_linear: bool = Field(
-        True, description="CPU float32 decoding: linears with <= 32 rows through oneDNN (finemed_ray.models.cpu_linear)"
-    )
-
-
-class VllmExtra(_Extra):
-    """``extra`` keys of the vllm backend."""
-
-    device: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="auto: GPUs when the cluster has them or vLLM is a CUDA build, else CPU"
-    )
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments")
-    sampling_params: dict[str, Any] = Field(default_factory=dict, description="extra vLLM SamplingParams")
-    placement_group_config: dict[str, Any] | None = Field(None, description="ray.data.llm placement groups")
-    accelerator_type: str | None = Field(None, description="e.g. H100 (GPU only)")
-    runtime_env: dict[str, Any] | None = Field(None, description="runtime env of the processor stages")
-    max_concurrent_batches: int | None = Field(None, ge=1, description="overlapping batches per engine")
-    engine_num_cpus: float = Field(1.0, gt=0, description="CPU mode: logical CPUs of the engine actor")
-    cpu_kvcache_gib: float = Field(1.0, gt=0, description="CPU mode: VLLM_CPU_KVCACHE_SPACE unless set")
-    chat_template_stage: bool | dict[str, Any] | None = Field(None, description="ray.data.llm stage override")
-    tokenize_stage: bool | dict[str, Any] | None = Field(None, description="ray.data.llm stage override")
-    detokenize_stage: bool | dict[str, Any] | None = Field(None, description="ray.data.llm stage override")
-
-
-_EXTRA_MODELS: dict[str, type[_Extra]] = {"http": HttpExtra, "hf": HfExtra, "vllm": VllmExtra}
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class TeacherSpec(BaseModel):
-    """Which teacher to call and how. Immutable; unknown keys (also inside ``extra``) are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    backend: Literal["http", "hf", "vllm"] = Field(description="http | hf | vllm")
-    model: str = Field(
-        min_length=1, description="model name sent to the endpoint (http) or local / s3:// model path (hf, vllm)"
-    )
-    base_url: str | None = Field(
-        None, description="http: OpenAI-compatible base url, e.g. http://127.0.0.1:8000/v1"
-    )
-    api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="http: name of the environment variable holding the API key (not the key)"
-    )
-    max_tokens: int = Field(512, ge=1, description="most tokens generated per request")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="sampling temperature; 0 = greedy")
-    concurrency: int = Field(
-        4, ge=1, description="http: requests in flight per worker; hf/vllm: number of replicas (actors)"
-    )
-    batch_size: int = Field(16, ge=1, description="rows per Ray Data batch (and per hf forward batch)")
-    max_retries: int = Field(5, ge=0, description="http: retries on 429/408/5xx/timeouts/connection errors")
-    timeout_s: float = Field(60.0, gt=0, description="http: per-request timeout in seconds")
-    extra: dict[str, Any] = Field(default_factory=dict, description="backend-specific options (see *Extra)")
-
-    @model_validator(mode="after")
-    def _check_backend(self) -> TeacherSpec:
-        # Checked here, not in a field validator: a field error would echo the value, and a value that is not
-        # an env var name may well be a pasted key.
-        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
-            raise ValueError(
-                "api_key_env must be the NAME of an environment variable holding the key (e.g. OPENAI_API_KEY), "
-                "never the key itself"
-            )
-        if self.backend == "http":
-            if not self.base_url:
-                raise ValueError("backend 'http' needs base_url (e.g. http://127.0.0.1:8000/v1)")
-            if not re.match(r"^https?://[^/\s]+", self.base_url):
-                raise ValueError(f"base_url {self.base_url!r}: expected http(s)://host[:port]/path")
-        elif self.base_url is not None:
-            raise ValueError(f"base_url is only for backend 'http' (backend is {self.backend!r})")
-        try:
-            _EXTRA_MODELS[self.backend].model_validate(self.extra)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"extra.{'.'.join(str(p) for p in e['loc'])}: "
-                + ("unknown key for backend " + repr(self.backend) if e["type"] == "extra_forbidden" else e["msg"])
-                for e in exc.errors()
-            )
-            known = ", ".join(_EXTRA_MODELS[self.backend].model_fields)
-            raise ValueError(f"{problems} (known keys: {known})") from None
-        return self
-
-    @classmethod
-    def parse(cls, data: dict[str, Any] | TeacherSpec, source: str = "teacher") -> TeacherSpec:
-        """Validate a mapping (e.g. a YAML section) into a spec; errors are ConfigError naming the key."""
-        if isinstance(data, TeacherSpec):
-            return data
-        from finemed_ray.config import validate
-
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
-        return validate(cls, data, source=source)
-
-    def parsed_extra(self) -> Any:
-        return _EXTRA_MODELS[self.backend].model_validate(self.extra)
 
 
 # ================================================================================================ protocol
