@@ -90,3 +90,19 @@ def test_two_identical_runs_train_the_same_model(tiny_model_dir, ray_cluster, mu
     assert a["order"] == b["order"] and a["per_rank"] == b["per_rank"], "the runs trained different rows per step"
     assert a["losses"] == b["losses"], (a["losses"], b["losses"])
     assert a["weights"] == b["weights"], "same config and data, different exported weights"
+
+
+def test_every_reader_keeps_the_input_order_and_a_limit_keeps_the_same_rows(ray_cluster, multi_file_data):
+    """read_input (used by prepare, the TTT index build and the synthesis seed reader): rows in input order, and
+    ``limit`` keeps the first rows of the first files, not whichever files finished reading first."""
+    from finemed_ray.data.sft_prepare import read_input
+
+    prefix, input_ids = multi_file_data
+    files, fmt, ds = read_input(f"{prefix}/")
+    assert fmt == "parquet" and files == sorted(files)
+    assert [r["id"] for r in ds.iter_rows()] == input_ids
+    kept = [r["id"] for r in ds.limit(ROWS_PER_FILE + 1).iter_rows()]
+    assert kept == input_ids[:ROWS_PER_FILE + 1]
+    # Derived datasets share the read's setting (map_batches as the index build and synthesis apply it):
+    mapped = ds.limit(6).map_batches(lambda b: b, batch_format="pyarrow")
+    assert [r["id"] for r in mapped.iter_rows()] == input_ids[:6]

@@ -348,8 +348,15 @@ def read_input(uri: str, max_row_bytes: int = MAX_ROW_BYTES):
     if fmt == "jsonl":
         source = _jsonl_datasource_class()(paths, filesystem=fs, uri_prefix="s3://" if storage.is_s3(files[0]) else "",
                                            max_line_bytes=max_row_bytes)
-        return files, fmt, ray.data.read_datasource(source)
-    return files, fmt, ray.data.read_parquet(paths, filesystem=fs)
+        ds = ray.data.read_datasource(source)
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=fs)
+    # Rows in input order (files sorted, rows in file order) on every run, for every reader: training's data order,
+    # the TTT index's row order and a `limit` (which rows are kept) are defined over it. Without this Ray Data reads
+    # a multi-file input in completion order. The setting lives in this dataset's own DataContext copy (reads copy
+    # the current one), which every dataset derived from it shares.
+    ds.context.execution_options.preserve_order = True
+    return files, fmt, ds
 
 
 # ------------------------------------------------------------------------------------------------ row parsing
@@ -592,6 +599,7 @@ def write_prepared(ds: Any, out_uri: str, batch_fn: Any, **fn_kwargs: Any) -> tu
     # data order (train/resume.py DataOrder) is defined over them. Without this Ray Data 2.60 lists and reads a
     # multi-file input (e.g. synthesis' department-partitioned Parquet) in completion order: 6 files prepared 4
     # times gave 4 different file orders, so the same config and data trained a different model each run.
+    # (read_input sets it too; kept here for datasets built elsewhere.)
     ds.context.execution_options.preserve_order = True
     ds.map_batches(batch_fn, batch_format="pyarrow", fn_kwargs=fn_kwargs).write_parquet(prepared_path,
                                                                                          filesystem=out_fs)

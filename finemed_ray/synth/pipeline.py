@@ -547,6 +547,8 @@ class SynthesisPipeline:
         return name, self.teachers[name]
 
     def read(self):
+        import ray.data
+
         from finemed_ray.data.sft_prepare import read_input
 
         files, fmt, ds = read_input(self.cfg.input.path)
@@ -556,6 +558,10 @@ class SynthesisPipeline:
         docs = ds.map_batches(seed_batch, batch_format="pyarrow", fn_kwargs=dict(
             fmt=fmt, text_field=i.text_field, max_tokens=i.max_tokens, overlong=i.overlong,
             tokenizer_path=i.tokenizer, source_uri=self.cfg.input.path)).materialize()
+        # The read kept input order (read_input: a `limit` keeps the same seeds every run); the LLM steps after it
+        # need not wait for stragglers to keep an order: back to the session's setting.
+        docs.context.execution_options.preserve_order = (
+            ray.data.DataContext.get_current().execution_options.preserve_order)
         if docs.count() == 0:
             raise DataError(f"{self.cfg.input.path}: the seed corpus is empty")
         # Same text twice would mean the same teacher requests twice: keep one, drop the copies with a reason.
