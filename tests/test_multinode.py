@@ -13,7 +13,7 @@ from finemed_ray import storage
 from finemed_ray.config import load_config
 from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.train.configs import SFTJobConfig
-from finemed_ray.train.sft import SFTJob
+from finemed_ray.train.stages.sft import SFTJob
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,7 @@ def two_node_cluster(s3):
     cluster.shutdown()
 
 
+@pytest.mark.slow  # ~2.5 min with the DPO one (moved out of the default suite to keep it under 25 min)
 def test_sft_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
     import ray
 
@@ -59,11 +60,12 @@ def test_sft_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
     assert summary["checkpoint"].startswith(f"{prefix}/runs/two-nodes/")
 
 
+@pytest.mark.slow
 def test_dpo_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
     """DPO from the SFT export above (as in the recipe): policy and frozen reference sharded across the nodes."""
     from finemed_ray.toy.sample import sample_dpo_rows
     from finemed_ray.train.configs import DPOJobConfig
-    from finemed_ray.train.sft import DPOJob
+    from finemed_ray.train.stages.dpo import DPOJob
 
     prefix = "s3://finemed-test/multinode"
     parent = f"{prefix}/export" if storage.is_complete(f"{prefix}/export") else tiny_model_s3

@@ -65,6 +65,7 @@ def submit(ray_head, *args: str, timeout: int = 600) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow  # ~1.5-2 min: a real `ray job submit` of an SFT run (the default suite keeps the bad-config one)
 def test_sft_job_submit_succeeds_and_exports(ray_head, tiny_model_s3, s3_prefix):
     data = f"{s3_prefix}/sft.jsonl"
     write_jsonl(sample_sft_rows(n=16, seed=1), data)
@@ -107,7 +108,7 @@ def test_stopped_job_resubmitted_resumes_from_its_checkpoint(ray_head, tiny_mode
     subprocess.run([*ray, "submit", "--address", ray_head["url"], "--working-dir", str(ROOT), "--no-wait",
                     "--submission-id", first, "--", "python", "-m", "jobs.sft", *args],
                    env=ray_head["env"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
-    from finemed_ray.train.sft import RAY_CHECKPOINT_STATE_FILE
+    from finemed_ray.train.driver import RAY_CHECKPOINT_STATE_FILE
 
     state = storage.join(run_uri, RAY_CHECKPOINT_STATE_FILE)
     deadline = time.time() + 400

@@ -16,7 +16,8 @@ from finemed_ray import storage
 from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.errors import FinemedError
 from finemed_ray.train.resume import POSITION_FILE
-from finemed_ray.train.sft import SFTJob, plan_steps
+from finemed_ray.train.driver import plan_steps
+from finemed_ray.train.stages.sft import SFTJob
 
 from test_sft import sft_config
 
@@ -66,7 +67,7 @@ def checkpoints_with_position(cfg) -> list[str]:
 def checkpoint_registered(cfg) -> bool:
     """Ray Train writes its checkpoint bookkeeping after a checkpoint is fully uploaded and registered; files of a
     checkpoint still uploading may already be visible, and killing then would (rightly) restart from scratch."""
-    from finemed_ray.train.sft import RAY_CHECKPOINT_STATE_FILE
+    from finemed_ray.train.driver import RAY_CHECKPOINT_STATE_FILE
 
     uri = storage.join(cfg.run.storage_path, cfg.run.name, RAY_CHECKPOINT_STATE_FILE)
     return storage.exists(uri) and "checkpoint_" in storage.read_text(uri)
@@ -145,6 +146,7 @@ def test_reference_run_sees_every_row_once_per_epoch(reference, setup):
     )
 
 
+@pytest.mark.slow  # ~1.5 min on top of the module's reference run (moved out of the default suite's 25 min)
 def test_killed_worker_restarts_from_checkpoint_with_the_same_samples(reference, setup):
     cfg = config(setup, "killed", "run.max_failures=2", "train.packing=true")  # packed, same samples
     thread, outcome = run_in_thread(cfg)
