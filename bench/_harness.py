@@ -481,7 +481,7 @@ def summarize_durations(durations: list[float], skip: int) -> dict[str, Any]:
 def run_sft(cfg) -> dict[str, Any]:
     """Run one ``SFTJob`` to the end; returns its summary, export metadata, wall time and TensorBoard step times."""
     from finemed_ray import storage
-    from finemed_ray.train.sft import SFTJob
+    from finemed_ray.train.stages.sft import SFTJob
 
     t0 = time.time()
     job = SFTJob(cfg).setup()

@@ -79,7 +79,7 @@ def make_trainer(tok, model, examples, out_dir: str, layout: str, max_length: in
 
     class Trainer(DPOPackingMixin, DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):
-            return dataset  # rows arrive tokenised (as in finemed_ray/train/sft.py)
+            return dataset  # rows arrive tokenised (as in finemed_ray/train/stages/dpo.py)
 
     pack_length = {"padded": None, "packed": resolve_pack_length("auto", max_length, attn),
                    "packed_single": None}[layout]

@@ -43,7 +43,7 @@ def main() -> int:
     from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
     from finemed_ray.toy.tiny_model import save_tiny_model
     from finemed_ray.train.configs import SFTJobConfig
-    from finemed_ray.train.sft import SFTJob
+    from finemed_ray.train.stages.sft import SFTJob
 
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0).replace(" ", "_") if gpu else "cpu"

@@ -97,7 +97,7 @@ def _zero3_config(path: Path, hidden: int, micro_batch: int, grad_clip: float) -
     cfg["gradient_clipping"] = grad_clip
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["steps_per_print"] = 10**9
-    from finemed_ray.train.sft import deepspeed_config_for_device
+    from finemed_ray.train.driver import deepspeed_config_for_device
 
     return deepspeed_config_for_device(cfg, use_gpu=False)  # as SFTJob runs it on CPU workers
 
@@ -160,7 +160,7 @@ def _bare_run(rank: int, world: int, variant: str, steps_rows, model_dir: str, h
     if variant == "bare_zero3":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group, like sft_train_loop
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group, like finemed_ray.train.loop.train_loop
         engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=hp["ds_config"])
         fwd = engine

@@ -255,7 +255,7 @@ def test_empty_jsonl_files_fail_naming_them(tiny_model_dir, ray_cluster, s3_pref
 def test_model_without_chat_template_names_the_s3_path(bare_model_dir, s3, s3_prefix):
     from finemed_ray.config import load_config
     from finemed_ray.train.configs import SFTJobConfig
-    from finemed_ray.train.sft import SFTJob
+    from finemed_ray.train.stages.sft import SFTJob
 
     model_uri = f"{s3_prefix}/models/bare"
     storage.publish_dir(str(bare_model_dir), model_uri)

@@ -1,4 +1,4 @@
-"""The DeepSpeed config as the training job hands it to workers (finemed_ray.train.sft.load_deepspeed_config)."""
+"""The DeepSpeed config as the training job hands it to workers (finemed_ray.train.driver.load_deepspeed_config)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from finemed_ray.errors import ConfigError
-from finemed_ray.train.sft import load_deepspeed_config
+from finemed_ray.train.driver import load_deepspeed_config
 
 ZERO3 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json"
 

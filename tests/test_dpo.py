@@ -14,7 +14,7 @@ from finemed_ray.config import load_config
 from finemed_ray.toy.sample import bad_dpo_rows, sample_dpo_rows, write_jsonl
 from finemed_ray.eval.preference import preference_metrics
 from finemed_ray.train.configs import DPOJobConfig
-from finemed_ray.train.sft import DPOJob
+from finemed_ray.train.stages.dpo import DPOJob
 
 ROOT = Path(__file__).resolve().parents[1]
 BETA = 0.1

@@ -73,7 +73,7 @@ def make_trainer(tok, examples, tmp_path, *, impl="sdpa", packing=False, pack_le
 
     class Trainer(DPOPackingMixin, DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):
-            return dataset  # rows arrive tokenised (as in finemed_ray/train/sft.py)
+            return dataset  # rows arrive tokenised (as in finemed_ray/train/stages/dpo.py)
 
     base = build_tiny_model(tok)
     base.set_attn_implementation(impl)

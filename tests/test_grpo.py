@@ -12,7 +12,7 @@ from finemed_ray import storage
 from finemed_ray.config import load_config, read_yaml, validate
 from finemed_ray.toy.sample import reasoning_answer, sample_mcq_items, sample_reasoning_rows, write_jsonl
 from finemed_ray.errors import ConfigError
-from finemed_ray.train.grpo import GRPOJob, GRPOJobConfig, looks_like_test_split, mcq_item, plan_grpo_steps
+from finemed_ray.train.stages.grpo import GRPOJob, GRPOJobConfig, looks_like_test_split, mcq_item, plan_grpo_steps
 from finemed_ray.train.rewards import correct_answer, length_penalty, reasoning_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_length_penalty_is_dapos_soft_overlong_punishment():
 # ----------------------------------------------------------------------------------------------- config and data
 def test_shipped_config_and_the_recipe_know_grpo():
     from finemed_ray.train.recipe import STAGE_KINDS, RecipeConfig
-    from finemed_ray.train.grpo import reward_functions
+    from finemed_ray.train.stages.grpo import reward_functions
 
     cfg = grpo_config()
     assert [r.fn.rsplit(".", 1)[1] for r in cfg.grpo.rewards] == ["correct_answer", "reasoning_format"]
@@ -126,7 +126,7 @@ def test_each_worker_streams_whole_groups_in_trls_order():
     import datasets
     from trl.trainer.utils import repeat_iterable_dataset
 
-    from finemed_ray.train.grpo import _grouped
+    from finemed_ray.train.stages.grpo import _grouped
 
     class Source:
         armed = True
@@ -145,7 +145,7 @@ def test_each_worker_streams_whole_groups_in_trls_order():
 def test_dapo_and_vllm_options_reach_trl_unchanged(tmp_path):
     """DAPO-style settings and the vLLM rollout settings are TRL's own GRPOConfig fields, set from the config (no
     code of ours between them); grpo.extra reaches any other field."""
-    from finemed_ray.train.grpo import grpo_arguments
+    from finemed_ray.train.stages.grpo import grpo_arguments
 
     cfg = grpo_config("grpo.loss_type=dapo", "grpo.epsilon_high=0.28", "grpo.mask_truncated_completions=true",
                       "grpo.scale_rewards=batch", "grpo.beta=0.04", "grpo.use_vllm=true", "grpo.vllm_mode=server",

@@ -10,7 +10,7 @@ from finemed_ray import storage
 from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.errors import FinemedError
 from finemed_ray.train.lora import ADAPTER_DIR, check_adapter
-from finemed_ray.train.sft import SFTJob
+from finemed_ray.train.stages.sft import SFTJob
 
 from test_sft import sft_config
 

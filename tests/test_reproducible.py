@@ -67,7 +67,7 @@ def test_two_identical_runs_train_the_same_model(tiny_model_dir, ray_cluster, mu
     """Two 2-worker ZeRO-3 runs of one config on the same multi-file data: same rows per step, same loss at every
     step (exact floats), same exported weights (exact bytes)."""
     from finemed_ray import storage
-    from finemed_ray.train.sft import SFTJob
+    from finemed_ray.train.stages.sft import SFTJob
 
     prefix, input_ids = multi_file_data
     results = []

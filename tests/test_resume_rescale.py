@@ -17,7 +17,7 @@ from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.errors import ConfigError, FinemedError
 from finemed_ray.train.ray_shard import OrderedSource, SplitShards
 from finemed_ray.train.resume import DataOrder, DataPosition, DataPositionCallback
-from finemed_ray.train.sft import SFTJob
+from finemed_ray.train.stages.sft import SFTJob
 
 
 # ------------------------------------------------------------------------------------------- in-process

@@ -3,7 +3,7 @@ secret key, the serving API key), then every byte they left behind is searched f
 
 The whole scenario runs in ONE subprocess (its driver is written to tmp_path) so that its environment holds the
 dummy values and nothing else's: the session's shared S3/Ray fixtures use other credentials. The product starts its
-own local Ray cluster (``finemed_ray.train.sft.ensure_ray_address``: forwarded variables go to workers through a
+own local Ray cluster (``finemed_ray.train.driver.ensure_ray``: forwarded variables go to workers through a
 private file, only the file's path in the logged runtime env), with ``RAY_TMPDIR`` pointing at a fresh, short
 directory so the Ray session directory (logs, runtime env agent logs, GCS files, sockets) is known.
 
@@ -57,7 +57,7 @@ mcq_uri = write_jsonl(sample_mcq_items()[:4], f"{prefix}/bench/mcq.jsonl")
 
 # (1) SFT: the product starts the local Ray cluster (ensure_ray -> worker_env private file)
 from finemed_ray.train.configs import SFTJobConfig
-from finemed_ray.train.sft import SFTJob
+from finemed_ray.train.stages.sft import SFTJob
 export = f"{prefix}/export"
 cfg = load_config(SFTJobConfig, ROOT / "configs/sft_tiny.yaml", [
     f"run.storage_path={prefix}/runs", f"model.path={prefix}/models/tiny", f"data.path={data_uri}",

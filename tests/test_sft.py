@@ -16,7 +16,8 @@ from finemed_ray.config import load_config
 from finemed_ray.toy.sample import bad_sft_rows, sample_sft_rows, write_jsonl
 from finemed_ray.errors import DataError, ModelError
 from finemed_ray.train.configs import SFTJobConfig
-from finemed_ray.train.sft import SFTJob, plan_steps
+from finemed_ray.train.driver import plan_steps
+from finemed_ray.train.stages.sft import SFTJob
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 40

@@ -25,7 +25,7 @@ from finemed_ray import storage
 from finemed_ray.config import load_config
 from finemed_ray.toy.sample import sample_sft_rows, write_jsonl
 from finemed_ray.train.configs import SFTJobConfig
-from finemed_ray.train.sft import SFTJob
+from finemed_ray.train.stages.sft import SFTJob
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -22,7 +22,7 @@ pads), so this module builds the packed path itself, in two parts that leave TRL
   within 4e-6, gradients within 6e-7; a 44-step 2-worker ZeRO-3 DPO job's loss curve within 4e-7 of the padded
   run's (tests/test_dpo.py).
 
-:class:`DPOPackingMixin` puts both into a ``DPOTrainer`` subclass (``finemed_ray/train/sft.py``'s RayDPOTrainer,
+:class:`DPOPackingMixin` puts both into a ``DPOTrainer`` subclass (``finemed_ray/train/stages/dpo.py``'s RayDPOTrainer,
 ``train.packing: true`` in a DPO config).
 
 Why sequences cannot attend to each other (transformers 5.19 as installed; checked in its source and by the

@@ -1,15 +1,18 @@
-"""The table of training stages. Each kind names its config class and its job class; the recipe, the
-``jobs.<kind>`` entrypoints and the config registry all read this table, so a new stage is one module (its
-``XJobConfig`` and ``XJob``, see ``finemed_ray/train/grpo.py``), one entry here and one YAML in ``configs/``.
+"""The training stages: one module each in this package, and their table. Each kind names its config class and
+its job class; the recipe, the ``jobs.<kind>`` entrypoints and the config registry all read this table, so a new
+stage is one module here (its ``XJobConfig``, an ``XJob`` extending ``finemed_ray.train.driver.StageJob`` and an
+``XWorker`` extending ``finemed_ray.train.loop.StageWorker``; ``grpo.py`` is the fullest example), one entry in
+``STAGES`` and one YAML in ``configs/``.
 
 Classes are named by import path and loaded on use: reading the table imports neither torch nor TRL.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
+
+from finemed_ray.train.loop import load_class
 
 
 @dataclass(frozen=True)
@@ -19,24 +22,19 @@ class Stage:
     job: str  # "module:Class" with setup() -> run() -> save() -> summary dict
     title: str  # one line for --help and logs
 
-    @staticmethod
-    def _load(path: str) -> Any:
-        module, _, name = path.partition(":")
-        return getattr(importlib.import_module(module), name)
-
     def config_class(self) -> type:
-        return self._load(self.config)
+        return load_class(self.config)
 
     def job_class(self) -> type:
-        return self._load(self.job)
+        return load_class(self.job)
 
 
 STAGES: dict[str, Stage] = {s.kind: s for s in (
-    Stage("sft", "finemed_ray.train.configs:SFTJobConfig", "finemed_ray.train.sft:SFTJob",
+    Stage("sft", "finemed_ray.train.configs:SFTJobConfig", "finemed_ray.train.stages.sft:SFTJob",
           "finemed-ray SFT (Ray Train + DeepSpeed ZeRO-3 + TRL)"),
-    Stage("dpo", "finemed_ray.train.configs:DPOJobConfig", "finemed_ray.train.sft:DPOJob",
+    Stage("dpo", "finemed_ray.train.configs:DPOJobConfig", "finemed_ray.train.stages.dpo:DPOJob",
           "finemed-ray DPO (Ray Train + DeepSpeed ZeRO-3 + TRL)"),
-    Stage("grpo", "finemed_ray.train.grpo:GRPOJobConfig", "finemed_ray.train.grpo:GRPOJob",
+    Stage("grpo", "finemed_ray.train.stages.grpo:GRPOJobConfig", "finemed_ray.train.stages.grpo:GRPOJob",
           "finemed-ray GRPO (Ray Train + DeepSpeed ZeRO-3 + TRL)"),
 )}
 

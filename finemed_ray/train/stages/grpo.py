@@ -1,9 +1,11 @@
 """GRPO / RLVR on Ray Train: TRL's GRPOTrainer under DeepSpeed ZeRO-3, rewarded by plain Python functions.
 
-The stage runs like SFT and DPO (``finemed_ray/train/sft.py``): the driver (``GRPOJob``) prepares the prompts with
-Ray Data into ``<storage>/<run>/prepared`` (bad rows quarantined with a reason), a ``TorchTrainer`` runs
-``grpo_train_loop`` on N workers fed by deterministic Ray Data shards, checkpoints carry the data position (exact
-resume, ``finemed_ray/train/resume.py``) and rank 0 publishes a Hugging Face export. What is GRPO-specific:
+The stage runs like SFT and DPO, on the generic driver and worker loop (``finemed_ray/train/driver.py``,
+``finemed_ray/train/loop.py``): the driver (``GRPOJob``) prepares the prompts with Ray Data into
+``<storage>/<run>/prepared`` (bad rows quarantined with a reason), a ``TorchTrainer`` runs the loop with
+:class:`GRPOWorker` on N workers fed by deterministic per-worker Ray Data shards (no ``DataOrder``: a resume needs
+the same worker count), checkpoints carry the data position (exact resume, ``finemed_ray/train/resume.py``) and
+rank 0 publishes a Hugging Face export. What is GRPO-specific:
 
 * **Prompts with a verifiable answer**: multiple-choice rows with a known letter. Either MCQ rows (``question``,
   ``options``, ``answer_idx``: a train split; a path that looks like a test or held-out split is refused), or the
@@ -41,8 +43,6 @@ import logging
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from typing import Any, Literal
 
@@ -53,7 +53,8 @@ from finemed_ray import storage
 from finemed_ray.config import StrictModel
 from finemed_ray.errors import ConfigError, DataError, FinemedError
 from finemed_ray.train.configs import DataSection, SFTJobConfig
-from finemed_ray.train.sft import SFTJob, StepPlan, _root_cause
+from finemed_ray.train.driver import StageJob, StepPlan
+from finemed_ray.train.loop import StageWorker, class_path, training_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -446,25 +447,18 @@ def rollout_probe(trainer: Any, prompt_ids: list[int], max_new_tokens: int) -> d
 
 # ----------------------------------------------------------------------------------------------- worker side
 def grpo_arguments(cfg: GRPOJobConfig, max_steps: int, ds_config: dict | None, output_dir: str, rank: int = 0):
-    """trl.GRPOConfig of a worker: the SFT stages' training arguments plus ``grpo.*`` (and ``grpo.extra``) as is."""
-    import torch.distributed as dist
+    """trl.GRPOConfig of a worker: the stages' common training arguments plus ``grpo.*`` (and ``grpo.extra``)."""
+    return _grpo_config(cfg, training_kwargs(cfg, max_steps, ds_config, output_dir, rank))
+
+
+def _grpo_config(cfg: GRPOJobConfig, common: dict[str, Any]):
     from trl import GRPOConfig
 
-    g, t, use_gpu = cfg.grpo, cfg.train, cfg.scaling.use_gpu
-    # The backend of the process group Ray Train created; none in a single process (a check of the arguments).
-    backend = ("nccl" if use_gpu else "gloo") if dist.is_initialized() else None
+    g = cfg.grpo
     vllm = dict(use_vllm=True, vllm_mode=g.vllm_mode, vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                 **({"vllm_server_base_url": g.vllm_server_base_url} if g.vllm_server_base_url else {}))
     return GRPOConfig(
-        output_dir=output_dir, max_steps=max_steps,
-        per_device_train_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, report_to=t.report_to,
-        seed=cfg.run.seed, bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16", use_cpu=not use_gpu,
-        ddp_backend=backend, deepspeed=ds_config,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, remove_unused_columns=False,
-        dataloader_num_workers=0, ignore_data_skip=True, disable_tqdm=rank != 0, shuffle_dataset=False,
+        **common, shuffle_dataset=False,
         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
         temperature=g.temperature, top_p=g.top_p, beta=g.beta, loss_type=g.loss_type, epsilon=g.epsilon,
         epsilon_high=g.epsilon_high, num_iterations=g.num_iterations, scale_rewards=g.scale_rewards,
@@ -478,152 +472,88 @@ PROBE_MESSAGES = [{"role": "system", "content": "You are a helpful professional 
 PROBE_TOKENS = 24
 
 
-def grpo_train_loop(loop_cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: TRL GRPOTrainer on this worker's shard of prompts."""
-    cfg = GRPOJobConfig.model_validate(loop_cfg["job"])
-    use_gpu = cfg.scaling.use_gpu
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
-    from pathlib import Path
+class GRPOWorker(StageWorker):
+    """TRL GRPOTrainer on this worker's shard of prompts (per-worker shards: no DataOrder, so a resume needs the
+    same worker count)."""
 
-    import datasets
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM
-    from trl import GRPOTrainer
+    config_class = GRPOJobConfig
+    columns = GRPO_COLUMNS
 
-    from finemed_ray.models.loading import load_tokenizer, resolve_model_path
-    from finemed_ray.train.export import finalize_export, loss_history
-    from finemed_ray.train.lora import lora_config
-    from finemed_ray.train.ray_shard import ShardSource
-    from finemed_ray.train.resume import DataPosition, DataPositionCallback, ResumeLoadedCallback
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.probe, self.rollout_check = None, None
 
-    class RayGRPOTrainer(GRPOTrainer):
-        def get_train_dataloader(self) -> DataLoader:  # type: ignore[override]
-            # One local generation batch per micro-step, in _grouped's order; no re-sharding, no TRL shuffle.
-            return DataLoader(self.train_dataset, batch_size=self._train_batch_size * self.args.steps_per_generation,
-                              collate_fn=lambda rows: rows, num_workers=0)
+    def probe_example(self, tokenizer: Any) -> dict[str, Any]:
+        return {"prompt": json.dumps([{"role": "user", "content": "?"}]), "options": "{}", "answer_idx": "A"}
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    ds_config, plan, g, t = loop_cfg["deepspeed"], loop_cfg["plan"], cfg.grpo, cfg.train
-    if ds_config is not None:
-        import deepspeed
+    def features(self) -> Any:
+        import datasets
 
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # adopt Ray's process group
-    model_dir = resolve_model_path(cfg.model.path)
-    tokenizer = load_tokenizer(model_dir)
-    work = Path(tempfile.mkdtemp(prefix=f"finemed-{cfg.run.name}-r{rank}-"))
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
-    args = grpo_arguments(cfg, plan["max_steps"], ds_config, str(work / "checkpoints"), rank)
-    # After the arguments: under ZeRO-3 they make from_pretrained partition the weights while loading.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.model.dtype))
-    source = ShardSource(
-        ray.train.get_dataset_shard("train"), columns=GRPO_COLUMNS, shuffle_buffer=cfg.data.shuffle_buffer,
-        probe_example={"prompt": json.dumps([{"role": "user", "content": "?"}]), "options": "{}", "answer_idx": "A"},
-        shuffle_seed=f"{cfg.run.seed}:rank{rank}")
-    per_gen = t.per_device_batch_size * t.gradient_accumulation_steps // g.num_generations
-    features = datasets.Features({
-        "prompt": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-        "options": datasets.Value("string"), "answer_idx": datasets.Value("string")})
-    train_dataset = datasets.IterableDataset.from_generator(_grouped, features=features, gen_kwargs={
-        "source": source, "per_gen": per_gen, "num_generations": g.num_generations,
-        "repeat": g.num_iterations * t.gradient_accumulation_steps})
+        return datasets.Features({
+            "prompt": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "options": datasets.Value("string"), "answer_idx": datasets.Value("string")})
 
-    def gather(obj: Any) -> list[Any]:
-        out = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
+    def training_arguments(self, common: dict[str, Any]) -> Any:
+        return _grpo_config(self.cfg, common)
 
-    resume_dir, resumed_from, checkpoint = None, None, ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker, or a re-run of the same run name
-        checkpoint.to_directory(str(work / "resume"))
-        resume_dir = work / "resume" / RayTrainReportCallback.CHECKPOINT_NAME
-        position = DataPosition.load(resume_dir)
-        position.check_compatible(world, plan)
-        source.resume(position.epoch, position.rows_in_epoch[rank], position.epoch_digest[rank],
-                      position.seen_ids[rank])
-        resumed_from = position.global_step
-        log.warning("rank %d: resuming from step %d", rank, resumed_from)
-    resume_loaded = ResumeLoadedCallback()
-    if g.use_vllm and not use_gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per colocated engine
-    trainer = RayGRPOTrainer(
-        model=model, reward_funcs=reward_functions(cfg), args=args, train_dataset=train_dataset,
-        processing_class=tokenizer, peft_config=lora_config(cfg.lora) if cfg.lora.enabled else None,
-        callbacks=[DataPositionCallback(source, plan, rank, world, gather), RayTrainReportCallback(), resume_loaded])
-    probe, rollout_check = None, None
-    if g.use_vllm and g.vllm_mode == "colocate":
-        if not use_gpu:
-            use_whole_state_reload(trainer.vllm_generation)
-        probe = tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=True, add_generation_prompt=True,
-                                              return_dict=True)["input_ids"]
-        rollout_check = {"before": rollout_probe(trainer, probe, PROBE_TOKENS)}
-    source.arm()
-    t0 = time.time()
-    try:
-        train_output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
-    except Exception as e:
-        if resume_dir is None or resume_loaded.loaded or isinstance(e, FinemedError):
-            raise
-        raise FinemedError(f"the checkpoint of step {resumed_from} cannot be restored, it may be corrupt: "
-                           f"{type(e).__name__}: {e}") from e
-    train_seconds = time.time() - t0
-    if rollout_check is not None:
-        # TRL syncs before each generation, so the last step's update is not in the engine yet: sync, then compare.
-        trainer.vllm_generation.sync_weights()
-        rollout_check.update(after=rollout_probe(trainer, probe, PROBE_TOKENS),
-                             syncs=getattr(trainer.vllm_generation, "finemed_syncs", None))
+    def trainer_class(self) -> type:
+        from torch.utils.data import DataLoader
+        from trl import GRPOTrainer
 
-    params = list(trainer.model_wrapped.module.parameters() if ds_config else trainer.model.parameters())
-    engine_optimizer = getattr(trainer.model_wrapped, "optimizer", None) if ds_config else trainer.optimizer
-    sharding = {"rank": rank, "local_numel": sum(getattr(p, "ds_tensor", p).numel() for p in params),
-                "total_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
-                "optimizer": type(engine_optimizer).__name__}
-    export_local = work / "export"
-    trainer.save_model(str(work / "adapter" if cfg.lora.enabled else export_local))  # collective under ZeRO-3
-    seen = gather({"ids": source.seen_ids, "sharding": sharding})
-    if rank == 0:
-        lora_info = None
-        if cfg.lora.enabled:
-            from finemed_ray.train.lora import check_adapter, merge_adapter
+        class RayGRPOTrainer(GRPOTrainer):
+            def get_train_dataloader(self) -> DataLoader:  # type: ignore[override]
+                # One local generation batch per micro-step, in _grouped's order; no re-sharding, no TRL shuffle.
+                return DataLoader(self.train_dataset,
+                                  batch_size=self._train_batch_size * self.args.steps_per_generation,
+                                  collate_fn=lambda rows: rows, num_workers=0)
 
-            lora_info = check_adapter(work / "adapter")
-            merge_adapter(model_dir, work / "adapter", export_local, cfg.model.dtype)
-        tokenizer.save_pretrained(str(export_local))
-        all_ids = [i for s in seen for i in s["ids"]]
-        finalize_export(export_local, cfg.output.export_path, {
-            "stage": loop_cfg.get("stage", "grpo"), "run": cfg.run.name, "parent_model": cfg.model.path,
-            "data": cfg.data.path, "prepare": loop_cfg["prepare"], "plan": plan, "config": loop_cfg["job"],
-            "world_size": world, "global_step": trainer.state.global_step, "resumed_from_step": resumed_from,
-            "lora": lora_info, "train_seconds": round(train_seconds, 3), "train_loss": train_output.training_loss,
-            "samples_seen": len(all_ids), "samples_seen_per_rank": [len(s["ids"]) for s in seen],
-            "distinct_samples_seen": len(set(all_ids)), "loss_history": loss_history(trainer.state.log_history),
-            "reward_history": reward_history(trainer.state.log_history),
-            "rollouts": f"vllm-{g.vllm_mode}" if g.use_vllm else "transformers", "rollout_check": rollout_check,
-            "zero_stage": (ds_config or {}).get("zero_optimization", {}).get("stage"),
-            "sharding_per_rank": [s["sharding"] for s in seen]})
-        storage.write_json(storage.join(cfg.run.storage_path, cfg.run.name, "samples_seen.json"),
-                           {"per_rank": [s["ids"] for s in seen]})
-    dist.barrier()
-    ray.train.report({"global_step": trainer.state.global_step, "done": True})
-    shutil.rmtree(work, ignore_errors=True)
+        return RayGRPOTrainer
+
+    def trainer_kwargs(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        if self.cfg.grpo.use_vllm and not self.cfg.scaling.use_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per colocated engine
+        return {"reward_funcs": reward_functions(self.cfg)}
+
+    def train_dataset(self, source: Any, features: Any) -> Any:
+        import datasets
+
+        g, t = self.cfg.grpo, self.cfg.train
+        per_gen = t.per_device_batch_size * t.gradient_accumulation_steps // g.num_generations
+        return datasets.IterableDataset.from_generator(_grouped, features=features, gen_kwargs={
+            "source": source, "per_gen": per_gen, "num_generations": g.num_generations,
+            "repeat": g.num_iterations * t.gradient_accumulation_steps})
+
+    def before_train(self, trainer: Any, tokenizer: Any) -> None:
+        g = self.cfg.grpo
+        if g.use_vllm and g.vllm_mode == "colocate":
+            if not self.cfg.scaling.use_gpu:
+                use_whole_state_reload(trainer.vllm_generation)
+            self.probe = tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=True, add_generation_prompt=True,
+                                                       return_dict=True)["input_ids"]
+            self.rollout_check = {"before": rollout_probe(trainer, self.probe, PROBE_TOKENS)}
+
+    def after_train(self, trainer: Any) -> None:
+        if self.rollout_check is not None:
+            # TRL syncs before each generation, so the last step's update is not in the engine yet: sync, compare.
+            trainer.vllm_generation.sync_weights()
+            self.rollout_check.update(after=rollout_probe(trainer, self.probe, PROBE_TOKENS),
+                                      syncs=getattr(trainer.vllm_generation, "finemed_syncs", None))
+
+    def export_metadata(self, trainer: Any) -> dict[str, Any]:
+        g = self.cfg.grpo
+        return {"reward_history": reward_history(trainer.state.log_history),
+                "rollouts": f"vllm-{g.vllm_mode}" if g.use_vllm else "transformers",
+                "rollout_check": self.rollout_check}
 
 
 # ----------------------------------------------------------------------------------------------- driver side
-class GRPOJob(SFTJob):
-    """GRPO from the previous stage's weights; the Ray Train, ZeRO-3, resume, LoRA and export machinery of SFT."""
+class GRPOJob(StageJob):
+    """GRPO from the previous stage's weights; the generic Ray Train, ZeRO-3, resume, LoRA and export machinery
+    (``finemed_ray/train/driver.py``, ``finemed_ray/train/loop.py``) with per-worker prompt shards."""
 
     stage = "grpo"
     kind = "grpo"
-
-    def __init__(self, cfg: GRPOJobConfig):
-        if not isinstance(cfg, GRPOJobConfig):
-            raise ConfigError("GRPOJob needs a GRPOJobConfig (configs/grpo_*.yaml)")
-        super().__init__(cfg)
+    worker = class_path(GRPOWorker)
 
     def setup(self) -> "GRPOJob":
         from finemed_ray.data.sft_prepare import input_files
@@ -648,62 +578,25 @@ class GRPOJob(SFTJob):
 
         return PrepareSummary
 
-    def _data_fingerprint(self) -> dict[str, Any]:
+    def fingerprint_extras(self) -> dict[str, Any]:
         g = self.cfg.grpo
-        return {**super()._data_fingerprint(), "grpo": {"prompt": g.prompt, "distractors": g.distractors,
-                                                        "seed": self.cfg.run.seed}}
+        return {"grpo": {"prompt": g.prompt, "distractors": g.distractors, "seed": self.cfg.run.seed}}
 
-    def run(self) -> "GRPOJob":
-        from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError)
-        from ray.train.torch import TorchConfig, TorchTrainer
+    def data_order(self, rows_train: int, resuming: bool) -> None:
+        return None  # per-worker shards (whole generation groups per worker), see plan_grpo_steps
 
-        from finemed_ray.data.sft_prepare import RowSelection
-        from finemed_ray.train.ray_shard import DeterministicSplitDataConfig
+    def make_plan(self, rows_train: int, order: Any) -> StepPlan:
+        return plan_grpo_steps(rows_train, self.cfg)
 
-        cfg = self.cfg
-        summary = self._reusable_prepared_data()
-        if summary is None:
-            summary = self.prepare(RowSelection(cfg.data.department, cfg.data.subdepartment, 0.0))
-            storage.write_json(self._prepare_record_uri(), {"fingerprint": self._data_fingerprint(),
-                                                            "summary": summary.to_dict()})
-        self.prepare_summary = summary.to_dict()
-        log.info("prepared prompts: %s", json.dumps(self.prepare_summary))
-        self.plan = plan_grpo_steps(summary.rows_train, cfg)
+    def training_data(self, summary):
         # Every worker's shard a multiple of the prompts per generation: the first rows in file order.
-        train = self.read_prepared(summary.prepared_uri, "train").limit(self.plan.rows_per_worker *
-                                                                        cfg.scaling.num_workers)
-        fs, storage_path = storage.get_filesystem(cfg.run.storage_path)
-        trainer = TorchTrainer(
-            grpo_train_loop,
-            train_loop_config={"job": cfg.model_dump(mode="json"), "deepspeed": self.ds_config,
-                               "plan": self.plan.to_dict(), "prepare": self.prepare_summary, "stage": self.stage},
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-                                         placement_strategy=cfg.scaling.placement_strategy),
-            run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.save_total_limit),
-                                 failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
-            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-            datasets={"train": train},
-            dataset_config=DeterministicSplitDataConfig(),
-        )
-        try:
-            self.result = trainer.fit()
-        except TrainingFailedError as e:
-            raise FinemedError(f"run {cfg.run.name} failed after run.max_failures={cfg.run.max_failures} "
-                               f"restarts: {_root_cause(e)}") from e
-        return self
+        return self.read_prepared(summary.prepared_uri, "train").limit(self.plan.rows_per_worker *
+                                                                       self.cfg.scaling.num_workers)
 
-    def save(self) -> dict[str, Any]:
-        from finemed_ray.train.export import METADATA_FILE
-
-        summary = super().save()
-        rewards = storage.read_json(storage.join(self.cfg.output.export_path, METADATA_FILE))["reward_history"]
-        summary.update(first_reward=rewards[0]["reward"] if rewards else None,
-                       last_reward=rewards[-1]["reward"] if rewards else None, reward_history=rewards)
-        storage.write_json(storage.join(self.run_uri, "summary.json"), summary)
-        return summary
+    def summary_extras(self, meta: dict[str, Any]) -> dict[str, Any]:
+        rewards = meta["reward_history"]
+        return {"first_reward": rewards[0]["reward"] if rewards else None,
+                "last_reward": rewards[-1]["reward"] if rewards else None, "reward_history": rewards}
 
 
-__all__ = ["GRPOJob", "GRPOJobConfig", "grpo_train_loop", "prepare_grpo",
-           "reward_functions"]
+__all__ = ["GRPOJob", "GRPOJobConfig", "GRPOWorker", "grpo_arguments", "prepare_grpo", "reward_functions"]
