@@ -191,7 +191,6 @@ class StageJob:
                 "plan": self.plan.to_dict(),
                 "prepare": self.prepare_summary,
                 "stage": self.stage,
-                "kind": self.kind,
                 "has_eval": "eval" in datasets,
                 "order": order.to_dict() if order is not None else None,
             },
