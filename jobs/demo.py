@@ -57,6 +57,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.output).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "demo.log"
+    if log_path.exists():  # this run's log only: an earlier run's (a traceback of an interrupted one) is kept aside
+        log_path.replace(out_dir / "demo.previous.log")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway single-user local cluster
     quiet_runtime_env()
