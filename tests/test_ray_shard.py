@@ -63,3 +63,73 @@ def test_resume_replays_the_shuffled_epoch_and_checks_it() -> None:
     other_seed.resume(1, 15, ids_digest(done), seen_ids=[])
     with pytest.raises(FinemedError, match="no longer starts with"):
         list(other_seed.rows())
+
+
+class _CountingIterator:
+    """A DataIterator stand-in: the same rows every epoch, counting the reads (each a Ray Data execution)."""
+
+    def __init__(self, n: int, width: int = 8):
+        import numpy as np
+
+        self.data = [{"id": f"r{i}", "input_ids": np.arange(width, dtype=np.int32) + i} for i in range(n)]
+        self.reads = 0
+
+    def iter_rows(self):
+        self.reads += 1
+        for row in self.data:
+            yield dict(row)
+
+
+def _ids(rows) -> list[str]:
+    return [r["id"] for r in rows]
+
+
+def test_replayed_rows_read_ray_data_once_and_replay_the_same_rows() -> None:
+    from finemed_ray.train.ray_shard import ReplayedRows
+
+    it = _CountingIterator(10)
+    rows = ReplayedRows(it, budget_bytes=1 << 20)
+    epochs = [list(rows.iter_rows()) for _ in range(5)]
+    assert it.reads == 1 and rows.complete
+    assert all(_ids(e) == [f"r{i}" for i in range(10)] for e in epochs)
+    assert all((a["input_ids"] == b["input_ids"]).all() for e in epochs for a, b in zip(e, epochs[0]))
+    # Through the real consumer: ShardSource's seeded windowed shuffle gives the same orders as without the cache.
+    plain, cached = ShardSource(_CountingIterator(10), {"input_ids": [0]}, ("input_ids",), shuffle_buffer=4,
+                                shuffle_seed="s"), \
+        ShardSource(ReplayedRows(_CountingIterator(10), 1 << 20), {"input_ids": [0]}, ("input_ids",),
+                    shuffle_buffer=4, shuffle_seed="s")
+    plain.arm(), cached.arm()
+    for _ in range(3):
+        assert [r["input_ids"] for r in plain.rows()] == [r["input_ids"] for r in cached.rows()]
+    assert plain.seen_ids == cached.seen_ids and cached.shard.iterator.reads == 1
+
+
+def test_replayed_rows_continue_after_a_partial_read() -> None:
+    """A consumer that stops early (OrderedSource takes rows_per_split rows of a split) keeps what it read; a later
+    epoch needing more replays those and reads the rest from Ray Data, skipping the replayed ones."""
+    from itertools import islice
+
+    from finemed_ray.train.ray_shard import ReplayedRows
+
+    it = _CountingIterator(10)
+    rows = ReplayedRows(it, budget_bytes=1 << 20)
+    assert _ids(islice(rows.iter_rows(), 6)) == [f"r{i}" for i in range(6)]
+    assert _ids(islice(rows.iter_rows(), 6)) == [f"r{i}" for i in range(6)] and it.reads == 1  # replayed only
+    assert _ids(rows.iter_rows()) == [f"r{i}" for i in range(10)] and it.reads == 2
+    assert _ids(rows.iter_rows()) == [f"r{i}" for i in range(10)] and it.reads == 2 and rows.complete
+
+
+def test_replayed_rows_past_the_budget_stream_every_epoch() -> None:
+    from finemed_ray.train.ray_shard import ReplayedRows, SplitShards, replayed
+
+    it = _CountingIterator(10, width=64)  # ~330 bytes a row
+    rows = ReplayedRows(it, budget_bytes=1000)
+    for _ in range(3):
+        assert _ids(rows.iter_rows()) == [f"r{i}" for i in range(10)]
+    assert it.reads == 3 and rows.rows is None
+    off = ReplayedRows(_CountingIterator(3), budget_bytes=0)  # data.replay_cache_mb: 0
+    for _ in range(2):
+        list(off.iter_rows())
+    assert off.iterator.reads == 2
+    wrapped = replayed(SplitShards([_CountingIterator(2), _CountingIterator(3)]), 1 << 20)
+    assert isinstance(wrapped, SplitShards) and [type(i).__name__ for i in wrapped.iterators] == ["ReplayedRows"] * 2
