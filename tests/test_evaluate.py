@@ -74,6 +74,7 @@ def test_generate_and_loglik_reports_with_baseline(ray_cluster, bench_uris, tiny
     assert "baseline" in storage.read_text(f"{out2}/report.md").lower()
 
 
+@pytest.mark.slow  # ~1 min: a vLLM engine start; `make test-slow` (keeps the default suite under 25 min)
 @needs_bench
 def test_vllm_engine_answers_like_transformers(ray_cluster, bench_uris, tiny_model_dir):
     from finemed_ray.synth.teachers import TeacherSpec, make_teacher

@@ -21,6 +21,11 @@ from finemed_ray.train.stages.sft import SFTJob
 
 from test_sft import sft_config
 
+# Every test here trains on top of the module's reference run (~3.5 min in all on 2 cores): the whole module runs in
+# `make test-slow` (CI runs it) to keep the default suite under 25 min. The data-order and position logic they
+# rely on has fast tests in tests/test_resume_rescale.py and tests/test_ray_shard.py.
+pytestmark = pytest.mark.slow
+
 N_ROWS = 40  # 2 workers x 20 rows; batch 4 -> 5 steps per epoch
 EPOCHS = 3
 
