@@ -61,12 +61,6 @@ class DataSection(StrictModel):
         description="Each epoch, every worker shuffles its rows in windows of this many (seeded by run.seed, rank "
                     "and epoch, so exact resume replays the same order); 0 trains in file order.",
     )
-    replay_cache_mb: int = Field(
-        1024, ge=0,
-        description="Each worker keeps the rows it read in the first epoch in memory, up to this many MB, and "
-                    "replays them in later epochs instead of starting a Ray Data read per epoch (same rows, same "
-                    "order); larger shards stream every epoch. 0 = always stream.",
-    )
 
 
 class TrainSection(StrictModel):

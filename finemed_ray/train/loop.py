@@ -140,7 +140,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     from finemed_ray.train.export import finalize_export, loss_history
     from finemed_ray.train.lora import lora_config
     from finemed_ray.train.packing import check_packing_attention
-    from finemed_ray.train.ray_shard import OrderedSource, ShardSource, replayed, shard_to_iterable_dataset
+    from finemed_ray.train.ray_shard import OrderedSource, ShardSource, shard_to_iterable_dataset
     from finemed_ray.train.resume import (
         DataOrder,
         DataPosition,
@@ -197,8 +197,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         check_packing_attention(model)  # an attention kernel without a mask function would let rows leak
 
     probe, columns = stage.probe_example(tokenizer), stage.columns
-    # Rows read once, replayed from memory in later epochs while they fit (a Ray Data read per epoch costs seconds).
-    shard = replayed(ray.train.get_dataset_shard("train"), cfg.data.replay_cache_mb * 2**20)
+    shard = ray.train.get_dataset_shard("train")
     if order is not None:
         # This worker's rows of the run's global order (same rows and order as a per-worker shard when the worker
         # count is the order's; any other count gets the same global steps, sliced differently).

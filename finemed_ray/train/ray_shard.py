@@ -108,60 +108,6 @@ def windowed_shuffle(rows: Iterator[dict[str, Any]], buffer: int, seed: str) -> 
     yield from window
 
 
-class ReplayedRows:
-    """A Ray ``DataIterator`` whose rows are read from Ray Data once and replayed from this worker's memory in later
-    epochs, while they fit in ``budget_bytes``.
-
-    Why: every ``iter_rows()`` of a Ray Train dataset shard starts a Ray Data execution (a few seconds of fixed cost
-    on CPU: ListFiles, read and split tasks). Small datasets trained for many epochs paid it every epoch: the demo's
-    stage 1 (40 epochs of 96 rows per worker) spent most of its time there. The rows of a deterministic split are the
-    same every epoch (the run's data order and exact resume rely on it), so replaying them changes nothing in what
-    is trained. Rows read so far are kept; a later epoch replays them and continues from Ray Data only if it needs
-    more (skipping the replayed ones). Past the budget the cache is dropped and every epoch streams, as before."""
-
-    def __init__(self, iterator: Any, budget_bytes: int):
-        self.iterator = iterator
-        self.budget = budget_bytes
-        self.rows: list[dict[str, Any]] | None = [] if budget_bytes > 0 else None
-        self.bytes = 0
-        self.complete = False  # every row of the split is in `rows`
-        self.reads = 0  # Ray Data executions started (for tests and logs)
-
-    @staticmethod
-    def _size(row: dict[str, Any]) -> int:
-        return sum(getattr(v, "nbytes", None) or len(str(v)) for v in row.values()) + 64
-
-    def iter_rows(self) -> Iterator[dict[str, Any]]:
-        cached = self.rows
-        if cached is None:
-            self.reads += 1
-            yield from self.iterator.iter_rows()
-            return
-        yield from list(cached)  # a copy of the list: this generator may run while another extends it
-        if self.complete:
-            return
-        self.reads += 1
-        for i, row in enumerate(self.iterator.iter_rows()):
-            if i < len(cached):
-                continue
-            if self.rows is not None:
-                self.bytes += self._size(row)
-                if self.bytes > self.budget:
-                    self.rows = None  # too large to keep: stream every epoch
-                else:
-                    self.rows.append(row)
-            yield row
-        if self.rows is not None:
-            self.complete = True
-
-
-def replayed(shard: Any, budget_bytes: int) -> Any:
-    """``shard`` (a ``DataIterator`` or :class:`SplitShards`) with every iterator wrapped in :class:`ReplayedRows`."""
-    if isinstance(shard, SplitShards):
-        return SplitShards([ReplayedRows(it, budget_bytes) for it in shard.iterators])
-    return ReplayedRows(shard, budget_bytes)
-
-
 class SplitShards:
     """What ``DeterministicSplitDataConfig(splits=...)`` gives every worker for a dataset: one Ray ``DataIterator``
     per split of the run's ``DataOrder``. Each worker reads only the splits its rows come from."""
