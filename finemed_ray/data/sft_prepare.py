@@ -595,12 +595,8 @@ def write_prepared(ds: Any, out_uri: str, batch_fn: Any, **fn_kwargs: Any) -> tu
     for uri in (prepared_uri, quarantine_uri):
         storage.delete(uri)
     out_fs, prepared_path = storage.get_filesystem(prepared_uri)
-    # The prepared rows must come out in input order (files sorted, rows in file order) on every run: the run's
-    # data order (train/resume.py DataOrder) is defined over them. Without this Ray Data 2.60 lists and reads a
-    # multi-file input (e.g. synthesis' department-partitioned Parquet) in completion order: 6 files prepared 4
-    # times gave 4 different file orders, so the same config and data trained a different model each run.
-    # (read_input sets it too; kept here for datasets built elsewhere.)
-    ds.context.execution_options.preserve_order = True
+    # `ds` comes from read_input, which keeps the input order: the run's data order (train/resume.py DataOrder) is
+    # defined over the prepared rows (6 files prepared 4 times without it gave 4 different orders).
     ds.map_batches(batch_fn, batch_format="pyarrow", fn_kwargs=fn_kwargs).write_parquet(prepared_path,
                                                                                          filesystem=out_fs)
     return prepared_uri, quarantine_uri
