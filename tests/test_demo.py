@@ -117,6 +117,10 @@ def test_outputs_are_local_files_a_user_can_open(demo):
         assert (out / rel).is_file(), rel
     assert any((out / "synthesis" / "quarantine").rglob("*.parquet"))
     assert str(out) in demo["terminal"]
+    # The eval report a user opens: CIs, chance, the paired TTT test and a breakdown by the questions' department.
+    report = (out / "eval/report.md").read_text()
+    for needle in ("95% CI", "| chance |", "McNemar exact p=", "### facts-heldout by category", "| Pediatrics |"):
+        assert needle in report, needle
 
 
 def test_stage_line_says_when_ray_train_recovered_from_a_fault():

@@ -102,6 +102,11 @@ def test_items_carry_their_category_to_the_predictions():
     assert item_category(item) == "health"
     assert item_category(MCQItem(id="2", question="q", options={"A": "a"}, answer="A", benchmark="b", kind="mcq",
                                  extra={})) == ""
+    # The project's own MCQ rows (synthesis, the demo's held-out questions) group by primary department, last.
+    assert item_category(MCQItem(id="3", question="q", options={"A": "a"}, answer="A", benchmark="b", kind="mcq",
+                                 extra={"department": "Pediatrics", "subdepartment": "Neonatology"})) == "Pediatrics"
+    assert item_category(MCQItem(id="4", question="q", options={"A": "a"}, answer="A", benchmark="b", kind="mcq",
+                                 extra={"department": "Pediatrics", "subject": "anatomy"})) == "anatomy"
 
 
 def test_score_rejects_bad_predictions():

@@ -78,8 +78,9 @@ def few_shot_examples(specs: Sequence[Any], sets: dict[str, BenchmarkSet]) -> di
 
 
 # Fields a benchmark row may carry that group its items for the report (MMLU-Pro `category`, MedMCQA
-# `subject_name`, MMLU `subject`, MedQA `meta_info`); the first one present wins.
-CATEGORY_FIELDS = ("category", "subject_name", "subject", "meta_info")
+# `subject_name`, MMLU `subject`, MedQA `meta_info`, then the primary `department` of the project's own MCQ rows,
+# e.g. the demo's held-out questions); the first one present wins.
+CATEGORY_FIELDS = ("category", "subject_name", "subject", "meta_info", "department")
 
 
 def item_category(item: MCQItem) -> str:
