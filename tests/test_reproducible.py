@@ -106,3 +106,27 @@ def test_every_reader_keeps_the_input_order_and_a_limit_keeps_the_same_rows(ray_
     # Derived datasets share the read's setting (map_batches as the index build and synthesis apply it):
     mapped = ds.limit(6).map_batches(lambda b: b, batch_format="pyarrow")
     assert [r["id"] for r in mapped.iter_rows()] == input_ids[:6]
+
+
+def test_vector_index_keeps_the_order_of_the_callers_dataset(ray_cluster, tmp_path):
+    """build_vector_index takes the caller's Dataset (created with the global DataContext of its time): the index
+    must hold its rows in input order all the same, and the caller's dataset is left unchanged. It used to set
+    preserve_order on the *global* context, which never reached the dataset's own copy (completion order)."""
+    import numpy as np
+    import ray.data
+
+    from finemed_ray.ttt.index import build_vector_index
+
+    src = tmp_path / "vectors"
+    src.mkdir()
+    ids = []
+    for i in range(N_FILES):
+        vid = [f"f{i}-r{j}" for j in range(ROWS_PER_FILE)]
+        vecs = np.random.default_rng(i).standard_normal((ROWS_PER_FILE, 4)).astype("float32")
+        pq.write_table(pa.table({"vid": vid, "embedding": list(vecs)}), src / f"part-{i:02d}.parquet")
+        ids += vid
+    vectors = ray.data.read_parquet(str(src))
+    assert not vectors.context.execution_options.preserve_order  # as a user's dataset comes: completion order
+    build_vector_index(vectors, str(tmp_path / "index"), dim=4, id_column="vid")
+    assert pq.read_table(tmp_path / "index" / "pool.parquet").column("id").to_pylist() == ids
+    assert not vectors.context.execution_options.preserve_order  # the caller's dataset is not changed

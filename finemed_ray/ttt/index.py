@@ -242,6 +242,19 @@ def _write_npy_header(fh: Any, count: int, dim: int) -> None:
     np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (count, dim)})
 
 
+
+def _keeping_input_order(ds: Any) -> Any:
+    """A copy of ``ds`` whose own DataContext keeps input order; the caller's dataset is left as it is.
+
+    A Dataset executes with the DataContext it was created with (a copy of the global one at that time), so
+    setting ``preserve_order`` on the global context afterwards never reached it: Ray Data then yields blocks in
+    completion order, and a multi-file input gave a different row order on every build."""
+    from ray.data import Dataset
+
+    ds = Dataset.copy(ds, _deep_copy=True)  # its own context object (a shallow copy shares the caller's)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
 def build_index(
     pool_uri: str,
     out_uri: str,
@@ -304,12 +317,10 @@ def build_index(
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None,
     )
-    ctx = ray.data.DataContext.get_current()
-    saved_order = ctx.execution_options.preserve_order
+    embedded = _keeping_input_order(embedded)  # index row order = input order: reproducible indexes
     tmp = _scratch_dir(out_uri)
     try:
         quarantine_path = os.path.join(tmp, QUARANTINE_FILE)
-        ctx.execution_options.preserve_order = True  # index row order = input order: reproducible indexes
         with _NpyWriter(os.path.join(tmp, EMBEDDINGS_FILE), summary.dim) as npy, \
                 open(quarantine_path, "w", encoding="utf-8") as q_fh, \
                 pq.ParquetWriter(os.path.join(tmp, POOL_FILE), POOL_SCHEMA) as pool_writer:
@@ -351,7 +362,6 @@ def build_index(
         search, file_bytes = _finish_search(tmp, out_uri, index, summary.rows_indexed, summary.dim,
                                             concurrency=concurrency, cpus_per_worker=cpus_per_worker)
     finally:
-        ctx.execution_options.preserve_order = saved_order
         shutil.rmtree(tmp, ignore_errors=True)
 
     summary.seconds = round(time.time() - t0, 3)
@@ -415,11 +425,9 @@ def build_vector_index(
     storage.check_writable(out_uri)
     storage.delete(storage.join(out_uri, INDEX_FILE))
     summary = IndexSummary(index_uri=out_uri, pool_uri="(vectors)", kind="vectors", encoder="", dim=dim)
-    ctx = ray.data.DataContext.get_current()
-    saved_order = ctx.execution_options.preserve_order
+    vectors = _keeping_input_order(vectors)  # the caller's dataset, read in its order: reproducible indexes
     tmp = _scratch_dir(out_uri)
     try:
-        ctx.execution_options.preserve_order = True
         with _NpyWriter(os.path.join(tmp, EMBEDDINGS_FILE), dim) as npy, \
                 pq.ParquetWriter(os.path.join(tmp, POOL_FILE), POOL_SCHEMA) as pool_writer:
             for batch in vectors.iter_batches(batch_format="numpy", batch_size=None):
@@ -445,7 +453,6 @@ def build_vector_index(
         search, file_bytes = _finish_search(tmp, out_uri, index, npy.count, dim, concurrency=concurrency,
                                             cpus_per_worker=cpus_per_worker)
     finally:
-        ctx.execution_options.preserve_order = saved_order
         shutil.rmtree(tmp, ignore_errors=True)
     summary.seconds = round(time.time() - t0, 3)
     summary.search = search["method"]
