@@ -242,7 +242,6 @@ def _write_npy_header(fh: Any, count: int, dim: int) -> None:
     np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (count, dim)})
 
 
-
 def _keeping_input_order(ds: Any) -> Any:
     """A copy of ``ds`` whose own DataContext keeps input order; the caller's dataset is left as it is.
 
@@ -254,6 +253,7 @@ def _keeping_input_order(ds: Any) -> Any:
     ds = Dataset.copy(ds, _deep_copy=True)  # its own context object (a shallow copy shares the caller's)
     ds.context.execution_options.preserve_order = True
     return ds
+
 
 def build_index(
     pool_uri: str,
