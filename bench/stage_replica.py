@@ -8,6 +8,11 @@ four-option questions in unseen wordings, the answer generated greedily and read
     .venv/bin/python -m bench.stage_replica [--work /tmp/stage-replica] [--seed 42] [--variant shipped|recall-first]
         [--dpo-lr 2e-4 ...] [--out results.json]
 
+``--extra-wordings N`` (1 or 3) adds, for every synthesized SFT and reasoning dialogue, N copies whose question is
+asked in train wordings the offline teacher never writes (:data:`EXTRA_WORDINGS`; never a held-out one): 1 = each
+fact in six train wordings instead of three (twice the rows; halve ``--stage1-epochs``/``--epochs`` for the same
+steps), 3 = four times the rows.
+
 ``--variant recall-first`` rewrites Step 1 of every reasoning answer to the plain answer sentence ("What I recall
 first: X is used to treat Y. Let me check this."), which shows whether the reasoning model still knows the fact
 for a wording (README "What each stage teaches the tiny model", point 3). Figures printed and, with ``--out``,
@@ -27,6 +32,13 @@ from pathlib import Path
 from typing import Any
 
 SYSTEM_PROMPT = "You are a helpful professional doctor."
+# Train wordings beyond sample.py's three (--extra-wordings): same question kinds, no held-out phrasing.
+EXTRA_WORDINGS = {
+    "drug": ("Name the condition that {drug} treats.", "Why would someone take {drug}?",
+             "{Drug} is given for which disease?"),
+    "test": ("Name the test done first for {disease}.", "How do you start testing for {disease}?",
+             "Which investigation is done first in {disease}?"),
+}
 
 
 def _rows(root: Path, name: str) -> list[dict[str, Any]]:
@@ -161,6 +173,29 @@ def recall_first(conversations: list[dict]) -> list[list[dict]]:
     return out
 
 
+def with_extra_wordings(rows: list[dict], n: int) -> list[list[dict]]:
+    """Each row's dialogue, then ``n`` copies asking its question in other train wordings (1: the row's own extra
+    wording, ``EXTRA_WORDINGS[kind][v % 3]``; 3: all three); identical dialogues kept once."""
+    from finemed_ray.toy import sample
+
+    out, seen = [], set()
+    for row in rows:
+        kind, i, v = re.match(r"seed-(drug|test)-(\d+)-v(\d+)", row["id"]).groups()
+        fact = sample._FACT_TYPES[kind][0][int(i)]
+        wordings = EXTRA_WORDINGS[kind][int(v) % 3:int(v) % 3 + 1] if n == 1 else EXTRA_WORDINGS[kind][:n]
+        variants = [row["messages"]]
+        for w in wordings:
+            messages = [dict(m) for m in row["messages"]]
+            messages[0]["content"] = w.format(drug=fact[0], Drug=sample._cap(fact[0]), disease=fact[0])
+            variants.append(messages)
+        for messages in variants:
+            key = json.dumps(messages)
+            if key not in seen:
+                seen.add(key)
+                out.append(messages)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
@@ -172,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--work", default="/tmp/stage-replica", help="synthesized data, models (reused when present)")
     ap.add_argument("--seed", type=int, default=42, help="data-order seed of reasoning SFT (and DPO)")
     ap.add_argument("--variant", choices=("shipped", "recall-first"), default="shipped")
+    ap.add_argument("--extra-wordings", type=int, choices=(0, 1, 3), default=0,
+                    help="copies of each dialogue in other train wordings (EXTRA_WORDINGS)")
     ap.add_argument("--stage1-epochs", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=32, help="reasoning SFT epochs (demo: 32 -> 384 steps)")
     ap.add_argument("--dpo-lr", type=float, action="append", default=[], help="also run DPO at this lr (repeatable)")
@@ -183,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     if not (work / "synth" / "manifest.json").exists():
         synthesize_demo_data(str(work / "synth"), str(work / "inputs"))
-    tiny, stage1 = work / "tiny", work / f"stage1-e{args.stage1_epochs}"
+    tiny, stage1 = work / "tiny", work / f"stage1-e{args.stage1_epochs}-w{args.extra_wordings}"
     if not (tiny / "config.json").exists():
         save_tiny_model(str(tiny))
     result: dict[str, Any] = {"setting": vars(args)}
@@ -191,15 +228,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     if not (stage1 / "config.json").exists():
         model = load_model(str(tiny))
-        conversations = [r["messages"] for r in _rows(work / "synth", "sft")]
-        random.Random(0).shuffle(conversations)  # 10% held out, as the recipe's stage 1 (eval_fraction 0.1)
-        data = _tokenized(tokenizer, conversations[: int(len(conversations) * 0.9) + 1], 256)
+        sft_rows = _rows(work / "synth", "sft")
+        random.Random(0).shuffle(sft_rows)  # 10% held out, as the recipe's stage 1 (eval_fraction 0.1)
+        sft_rows = sft_rows[: int(len(sft_rows) * 0.9) + 1]
+        data = _tokenized(tokenizer, with_extra_wordings(sft_rows, args.extra_wordings), 256)
         sft(model, data, args.stage1_epochs, 5e-3, 32, pad, seed=42)
         model.save_pretrained(str(stage1))
     model = load_model(str(stage1))
     result["stage1"] = held_out(model, tokenizer)
     rows = _rows(work / "synth", "reasoning")
-    conversations = recall_first(rows) if args.variant == "recall-first" else [r["messages"] for r in rows]
+    if args.variant == "recall-first":
+        conversations = recall_first(rows)
+    else:
+        conversations = with_extra_wordings(rows, args.extra_wordings)
     losses = sft(model, _tokenized(tokenizer, conversations, 512), args.epochs, 3e-3, 16, pad, seed=args.seed)
     result["reasoning"] = {**held_out(model, tokenizer), "first_loss": losses[0], "last_loss": losses[-1]}
     reasoning_state = {k: v.clone() for k, v in model.state_dict().items()}
