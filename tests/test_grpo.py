@@ -254,15 +254,45 @@ def test_vllm_colocate_rollouts_get_the_trained_weights(grpo_run):
     assert len(diffs) == 2 and max(diffs) < 1e-2, diffs
 
 
-@pytest.mark.slow  # a second run: ~50 s more
-def test_same_run_name_resumes_exactly(grpo_run):
-    """A re-run of the run name continues from its last checkpoint (step 3) with the next prompts of each worker's
-    shard: the first run's prompts, in order, then new ones; none repeated."""
-    cfg = run_config(grpo_run["prefix"], grpo_run["model"], grpo_run["data"], "first", "train.max_steps=5")
-    second = run_job(cfg)
-    assert second["meta"]["resumed_from_step"] == 3 and second["meta"]["global_step"] == 5
-    for before, after in zip(grpo_run["seen"], second["seen"]):
-        assert after[:len(before)] == before and len(after) == 10 == len(set(after))
+@pytest.mark.slow  # two more runs: ~2 min on 2 idle cores
+@pytest.mark.timeout(1800)
+def test_same_run_name_resumes_on_one_worker_then_two_with_every_prompt_once(grpo_run):
+    """GRPO's prompts follow the run's global order: 4 prompts per optimizer step (2 workers x 2 prompts of 4
+    generations), 8 steps per epoch of the 32 prompts. The first run stopped at step 3 on 2 workers. Re-run with
+    the same name on 1 worker (gradient accumulation 1 -> 2 keeps 4 prompts per step; DeepSpeed's universal
+    checkpoint) to step 5, then on 2 workers again to the end of the epoch (step 8): the three segments continue
+    each other and the epoch trains every prompt exactly once (0 lost, 0 duplicated). Losses are not compared:
+    completions are sampled per worker."""
+    def cfg(*extra: str) -> GRPOJobConfig:
+        return run_config(grpo_run["prefix"], grpo_run["model"], grpo_run["data"], "first", *extra)
+
+    def seen() -> dict:
+        return storage.read_json(storage.join(grpo_run["prefix"], "runs", "first", "samples_seen.json"))
+
+    first = seen()["global"]
+    assert len(first) == 12 == len(set(first))
+
+    second = run_job(cfg("scaling.num_workers=1", "train.max_steps=5"))
+    meta = second["meta"]
+    assert (meta["world_size"], meta["resumed_from_step"], meta["resumed_from_world_size"]) == (1, 3, 2)
+    assert meta["config"]["train"]["gradient_accumulation_steps"] == 2 and meta["global_step"] == 5
+    after = seen()
+    assert after["global"][:12] == first and len(after["per_rank"][0]) == 8  # the next 8 prompts, on one worker
+    assert after["global"][12:] == after["per_rank"][0] and not set(after["per_rank"][0]) & set(first)
+    assert [r["step"] for r in meta["reward_history"]] == [1, 2, 3, 4, 5]  # the history goes on where it stopped
+
+    third = run_job(cfg("train.max_steps=8"))  # back on 2 workers, from a 1-worker checkpoint
+    meta = third["meta"]
+    assert (meta["world_size"], meta["resumed_from_step"], meta["resumed_from_world_size"]) == (2, 5, 1)
+    assert meta["config"]["train"]["gradient_accumulation_steps"] == 1 and meta["global_step"] == 8
+    whole = seen()["global"]
+    assert whole[:20] == after["global"]
+    valid = {r["id"] for r in grpo_run["rows"]}
+    assert len(whole) == 32 == len(set(whole)) and set(whole) == valid  # one epoch: every prompt once
+
+    # A worker count that cannot keep 4 prompts per step stops before any compute, naming the keys.
+    with pytest.raises(ConfigError, match=r"scaling.num_workers=3 must divide 4"):
+        GRPOJob(cfg("scaling.num_workers=3", "train.max_steps=10")).setup().run()
 
 
 # ----------------------------------------------------------------------------------------------- learning proof

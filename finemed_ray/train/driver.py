@@ -247,10 +247,10 @@ class StageJob:
         return {}
 
     def data_order(self, rows_train: int, resuming: bool):
-        """The run's global row order (``finemed_ray.train.resume.DataOrder``): set at its first start and kept in
-        ``<run>/data_order.json``; a run resumed on another worker count keeps it and its global batch, with
-        ``train.gradient_accumulation_steps`` recomputed (and logged) for the new count. A stage whose workers
-        read per-worker shards returns None."""
+        """The run's global row order (``finemed_ray.train.resume.DataOrder``): set at its first start
+        (:meth:`first_order`) and kept in ``<run>/data_order.json``; a run resumed on another worker count keeps it
+        and its global batch, with ``train.gradient_accumulation_steps`` recomputed (:meth:`fit_order`, logged)
+        for the new count. A stage whose workers read per-worker shards returns None."""
         from finemed_ray.train.resume import ORDER_FILE, DataOrder
 
         cfg = self.cfg
@@ -258,14 +258,9 @@ class StageJob:
         if resuming and storage.exists(uri):
             order = DataOrder.from_dict(storage.read_json(uri))
         else:  # a fresh run, or one whose checkpoints predate the order file: the order is today's split
-            t = cfg.train
-            try:
-                order = DataOrder.first_start(rows_train, cfg.scaling.num_workers, t.per_device_batch_size,
-                                              t.gradient_accumulation_steps)
-            except FinemedError as e:
-                raise FinemedError(f"{cfg.data.path}: {e}") from None
+            order = self.first_order(rows_train)
             storage.write_json(uri, order.to_dict())
-        ga = order.fit(cfg.scaling.num_workers, cfg.train.per_device_batch_size)
+        ga = self.fit_order(order)
         if ga != cfg.train.gradient_accumulation_steps:
             log.warning(
                 "run %s keeps its global batch of %d rows per optimizer step on %d workers: "
@@ -277,6 +272,22 @@ class StageJob:
             cfg.train.gradient_accumulation_steps = ga
             self.cfg = cfg
         return order
+
+    def first_order(self, rows_train: int):
+        """The data order of a run's first start: ``scaling.num_workers`` splits, one micro-batch x accumulation
+        of rows per split and optimizer step."""
+        from finemed_ray.train.resume import DataOrder
+
+        t = self.cfg.train
+        try:
+            return DataOrder.first_start(rows_train, self.cfg.scaling.num_workers, t.per_device_batch_size,
+                                         t.gradient_accumulation_steps)
+        except FinemedError as e:
+            raise FinemedError(f"{self.cfg.data.path}: {e}") from None
+
+    def fit_order(self, order) -> int:
+        """The ``train.gradient_accumulation_steps`` that keeps ``order``'s global batch on this run's workers."""
+        return order.fit(self.cfg.scaling.num_workers, self.cfg.train.per_device_batch_size)
 
     # Resume support: a run that already has checkpoints must train on exactly the rows it was prepared with.
     def _prepare_record_uri(self) -> str:

@@ -8,9 +8,10 @@ LoRA adapter), publishes the export with its metadata and reports. What differs 
 columns, training arguments, TRL trainer, train dataset and extra export metadata
 (``finemed_ray/train/stages/*.py``).
 
-Data order: with a ``loop_cfg["order"]`` (the run's ``DataOrder``, SFT and DPO) each worker reads its slice of
-the global order (``OrderedSource``) and resumes on any worker count; without one (GRPO) each worker reads its own
-shard (``ShardSource``) and resumes on the same worker count only.
+Data order: with a ``loop_cfg["order"]`` (the run's ``DataOrder``: SFT, DPO, GRPO) each worker reads its slice of
+the global order (``OrderedSource``) and resumes on any worker count; without one (GRPO with
+``grpo.num_iterations`` > 1) each worker reads its own shard (``ShardSource``) and resumes on the same worker count
+only.
 """
 
 from __future__ import annotations

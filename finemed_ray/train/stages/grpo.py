@@ -53,7 +53,7 @@ from finemed_ray import storage
 from finemed_ray.config import StrictModel
 from finemed_ray.errors import ConfigError, DataError, FinemedError
 from finemed_ray.train.configs import DataSection, SFTJobConfig
-from finemed_ray.train.driver import StageJob, StepPlan
+from finemed_ray.train.driver import StageJob, StepPlan, plan_steps
 from finemed_ray.train.loop import StageWorker, class_path, training_kwargs
 
 log = logging.getLogger(__name__)
@@ -549,7 +549,10 @@ class GRPOWorker(StageWorker):
 # ----------------------------------------------------------------------------------------------- driver side
 class GRPOJob(StageJob):
     """GRPO from the previous stage's weights; the generic Ray Train, ZeRO-3, resume, LoRA and export machinery
-    (``finemed_ray/train/driver.py``, ``finemed_ray/train/loop.py``) with per-worker prompt shards."""
+    (``finemed_ray/train/driver.py``, ``finemed_ray/train/loop.py``), fed whole generation groups in the run's global
+    prompt order (resume on another worker count), or per-worker shards when ``grpo.num_iterations`` > 1."""
+
+    order: Any = None
 
     stage = "grpo"
     kind = "grpo"
@@ -582,16 +585,50 @@ class GRPOJob(StageJob):
         g = self.cfg.grpo
         return {"grpo": {"prompt": g.prompt, "distractors": g.distractors, "seed": self.cfg.run.seed}}
 
-    def data_order(self, rows_train: int, resuming: bool) -> None:
-        return None  # per-worker shards (whole generation groups per worker), see plan_grpo_steps
+    def data_order(self, rows_train: int, resuming: bool):
+        """The run's global prompt order, so that a run resumes on another worker count (the driver's
+        ``DataOrder``, in prompts: each optimizer step generates for ``global_batch`` prompts, every worker for its
+        contiguous slice of whole groups). With ``grpo.num_iterations`` > 1 one generation trains several
+        optimizer steps, which the order (one order step per optimizer step) does not describe: per-worker shards
+        then, resumable on the same worker count only."""
+        if self.cfg.grpo.num_iterations != 1:
+            self.order = None
+            return None
+        self.order = super().data_order(rows_train, resuming)
+        return self.order
+
+    def first_order(self, rows_train: int):
+        from finemed_ray.train.resume import DataOrder
+
+        plan = plan_grpo_steps(rows_train, self.cfg)  # whole generations per worker; names the keys when too few
+        return DataOrder(self.cfg.scaling.num_workers, plan.rows_per_worker, plan.micro_rows)
+
+    def fit_order(self, order) -> int:
+        """Accumulation steps that keep the run's prompts per optimizer step on this run's workers: each worker
+        takes ``global_batch / num_workers`` prompts, x ``num_generations`` completions, in whole micro-batches."""
+        g, t, world = self.cfg.grpo, self.cfg.train, self.cfg.scaling.num_workers
+        prompts = order.global_batch
+        if prompts % world or prompts // world * g.num_generations % t.per_device_batch_size:
+            raise ConfigError(
+                f"this run generates for {prompts} prompts per optimizer step (scaling.num_workers x prompts per "
+                f"worker at its first start: {order.splits} x {order.split_micro_rows}), and resuming must keep "
+                f"it: scaling.num_workers={world} must divide {prompts}, and each worker's prompts x "
+                f"grpo.num_generations={g.num_generations} must fill whole micro-batches of "
+                f"train.per_device_batch_size={t.per_device_batch_size} (gradient_accumulation_steps is then set "
+                "to their number); or start a new run (new run.name)")
+        return prompts // world * g.num_generations // t.per_device_batch_size
 
     def make_plan(self, rows_train: int, order: Any) -> StepPlan:
+        if order is not None:
+            return plan_steps(rows_train, self.cfg, order)
         return plan_grpo_steps(rows_train, self.cfg)
 
     def training_data(self, summary):
-        # Every worker's shard a multiple of the prompts per generation: the first rows in file order.
-        return self.read_prepared(summary.prepared_uri, "train").limit(self.plan.rows_per_worker *
-                                                                       self.cfg.scaling.num_workers)
+        # Whole generations only: the first rows in file order, a multiple of the prompts per generation per split.
+        ds = self.read_prepared(summary.prepared_uri, "train")
+        if self.order is not None:
+            return ds.limit(self.order.splits * self.order.rows_per_split)
+        return ds.limit(self.plan.rows_per_worker * self.cfg.scaling.num_workers)
 
     def summary_extras(self, meta: dict[str, Any]) -> dict[str, Any]:
         rewards = meta["reward_history"]
