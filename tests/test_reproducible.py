@@ -130,3 +130,22 @@ def test_vector_index_keeps_the_order_of_the_callers_dataset(ray_cluster, tmp_pa
     build_vector_index(vectors, str(tmp_path / "index"), dim=4, id_column="vid")
     assert pq.read_table(tmp_path / "index" / "pool.parquet").column("id").to_pylist() == ids
     assert not vectors.context.execution_options.preserve_order  # the caller's dataset is not changed
+
+
+def test_split_config_keeps_the_order_of_every_split_and_leaves_the_callers_dataset(ray_cluster, multi_file_data):
+    """The trainer's split (``DeterministicSplitDataConfig``): each split is a contiguous run of the input, in input
+    order, and the dataset handed in keeps its own execution options (it used to share the context object that
+    the split then changed)."""
+    import ray.data
+
+    from finemed_ray.train.ray_shard import DeterministicSplitDataConfig
+
+    prefix, ids = multi_file_data
+    ds = ray.data.read_parquet(str(prefix))
+    before = ds.context.execution_options
+    assert not before.preserve_order
+    out = DeterministicSplitDataConfig(splits={"train": 2}).configure({"train": ds}, 2, None, None)
+    shards = out[0]["train"]
+    got = [[row["id"] for row in it.iter_rows()] for it in shards.iterators]
+    assert got == [ids[: len(ids) // 2], ids[len(ids) // 2: len(ids) // 2 * 2]]
+    assert ds.context.execution_options is before and not ds.context.execution_options.preserve_order

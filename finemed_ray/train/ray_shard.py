@@ -268,11 +268,15 @@ class DeterministicSplitDataConfig(DataConfig):
         self._order_splits = dict(splits or {})
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        from ray.data import Dataset
+
         output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             if ds.name is None:
                 ds.set_name(name)
-            ds = ds.copy(ds)
+            # Its own context object: a shallow copy (Ray's DataConfig does one) shares the caller's, which would
+            # then keep our execution options.
+            ds = Dataset.copy(ds, _deep_copy=True)
             options = self._resolve_execution_options(name)
             options.preserve_order = True  # read order = file order, so the splits are reproducible
             ds.context.execution_options = options
