@@ -11,6 +11,9 @@ Thought/Summarization format); the tiny random model would otherwise be quaranti
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +21,7 @@ import pytest
 from finemed_ray import storage
 from finemed_ray.synth.config import SynthJobConfig
 from finemed_ray.synth.pipeline import SynthesisPipeline
+from finemed_ray.synth.teachers import TeacherSpec
 from finemed_ray.toy.scripted_teacher import ScriptedTeacherServer, pipeline_reply
 
 SLOW = pytest.mark.slow  # full pipeline runs (~1-2 min for the http test on 2 cores; the vLLM test 10-30 min)
@@ -245,3 +249,46 @@ def test_vllm_engine_starts_once_per_run_and_matches_per_step(ray_cluster, tmp_p
 
     steps = SynthesisPipeline(config("steps")).run()  # ray.data.llm: a new engine at every step
     assert_same_run(stream, steps)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_engine_actor_is_restarted_and_its_call_retried(ray_cluster, tiny_model_dir):
+    """Ray restarts a dead engine actor (ENGINE_MAX_RESTARTS) and retries the generate call it was running. The
+    actor's process is killed while a call is in flight; the call still returns the same greedy answers, from a
+    new process that reports itself restarted."""
+    import threading
+
+    from finemed_ray.synth.engines import EnginePool
+
+    spec = TeacherSpec(backend="hf", model=str(tiny_model_dir), max_tokens=200, batch_size=8, concurrency=1,
+                       temperature=0.0)
+    requests = [{"key": f"q{i}", "messages": [{"role": "user", "content": f"What is drug {i} used to treat?"}]}
+                for i in range(8)]
+    pool = EnginePool.start(spec, "restart-test")
+    try:
+        t0 = time.time()
+        before = pool.generate(requests)
+        took = time.time() - t0
+        old = pool.info()[0]
+        assert not old["restarted"] and old["calls"] == 1
+        result: dict = {}
+        call = threading.Thread(target=lambda: result.setdefault("out", pool.generate(requests)))
+        call.start()
+        time.sleep(took / 3)  # a sync actor answers nothing else during a call: kill a third of the way in
+        assert call.is_alive()  # the call is in flight when its actor dies
+        os.kill(old["pid"], signal.SIGKILL)
+        call.join(timeout=300)
+        assert not call.is_alive() and not _running(old["pid"])  # the fault happened: that process is gone
+        new = pool.info()[0]
+        # The call ran again, whole, on a new actor process that knows it was restarted.
+        assert new["restarted"] and new["pid"] != old["pid"] and (new["calls"], new["requests"]) == (1, 8)
+        assert result["out"] == before
+    finally:
+        pool.close()

@@ -68,8 +68,7 @@ class VllmEngineActor:
         self._params: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
-        return {"engine_starts": self.engine_starts, "load_seconds": self.load_seconds, "requests": self.requests,
-                "calls": self.calls, "pid": os.getpid()}
+        return _engine_info(self)
 
     def _sampling(self, spec_json: str) -> Any:
         """Sampling parameters of the calling teacher (teachers sharing this engine may differ in them)."""
@@ -132,8 +131,7 @@ class HfEngineActor:
         self.calls = 0
 
     def info(self) -> dict[str, Any]:
-        return {"engine_starts": self.engine_starts, "load_seconds": self.load_seconds, "requests": self.requests,
-                "calls": self.calls, "pid": os.getpid()}
+        return _engine_info(self)
 
     def generate(self, requests: list[dict], spec_json: str) -> list[dict]:
         self.calls += 1
@@ -155,6 +153,21 @@ def engine_key(spec: TeacherSpec) -> str:
     extra = {k: v for k, v in spec.extra.items() if k != "sampling_params"}
     return json.dumps({"backend": spec.backend, "model": spec.model, "replicas": spec.concurrency, "extra": extra},
                       sort_keys=True, default=str)
+
+
+# A dead engine actor (OOM kill, lost node, crashed engine) is restarted by Ray, which reloads the model, and the
+# generate call it was running is retried on the new one (generation is idempotent: the step writes its rows only
+# after the call returns). An error raised *by* generate is not retried: it is the request's, not the actor's.
+ENGINE_MAX_RESTARTS = 3
+
+
+def _engine_info(actor: Any) -> dict[str, Any]:
+    import ray
+
+    return {"engine_starts": actor.engine_starts, "load_seconds": actor.load_seconds, "requests": actor.requests,
+            "calls": actor.calls, "pid": os.getpid(),
+            # counters are the live instance's: a restarted actor starts them again
+            "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
 
 class EnginePool:
@@ -212,7 +225,8 @@ class EnginePool:
         names, actors = [], []
         for i in range(spec.concurrency):
             name = f"finemed-synth-{run_id}-{hashlib.sha256(engine_key(spec).encode()).hexdigest()[:8]}-{i}"
-            actor = ray.remote(actor_cls).options(name=name, **options).remote(*args)
+            actor = ray.remote(actor_cls).options(name=name, max_restarts=ENGINE_MAX_RESTARTS,
+                                                  max_task_retries=ENGINE_MAX_RESTARTS, **options).remote(*args)
             names.append(name)
             actors.append(actor)
         pool = cls(spec, actors, names)

@@ -669,7 +669,8 @@ class SynthesisPipeline:
             out.append({"teachers": self.engine_teachers[key], "identity": pool.identity,
                         "replicas": len(replicas), "engine_starts": sum(r["engine_starts"] for r in replicas),
                         "load_seconds": [r["load_seconds"] for r in replicas],
-                        "requests": [r["requests"] for r in replicas]})
+                        "requests": [r["requests"] for r in replicas],
+                        "restarted_replicas": sum(bool(r.get("restarted")) for r in replicas)})
         return out
 
     def close_engines(self) -> None:
