@@ -552,11 +552,10 @@ class GRPOJob(StageJob):
     (``finemed_ray/train/driver.py``, ``finemed_ray/train/loop.py``), fed whole generation groups in the run's global
     prompt order (resume on another worker count), or per-worker shards when ``grpo.num_iterations`` > 1."""
 
-    order: Any = None
-
     stage = "grpo"
     kind = "grpo"
     worker = class_path(GRPOWorker)
+    order: Any = None  # the run's DataOrder, set by data_order (None: per-worker shards)
 
     def setup(self) -> "GRPOJob":
         from finemed_ray.data.sft_prepare import input_files
