@@ -39,6 +39,15 @@ EXTRA_WORDINGS = {
     "test": ("Name the test done first for {disease}.", "How do you start testing for {disease}?",
              "Which investigation is done first in {disease}?"),
 }
+# The same, with one case-style wording per kind ("Someone takes X ..."): a real teacher writes case-style questions
+# too, and both held-out wordings are case-style ("A patient was started on X ...", "A patient may have X ..."),
+# which no train wording is. Neither held-out wording is used.
+VIGNETTE_WORDINGS = {
+    "drug": ("Name the condition that {drug} treats.", "Someone takes {drug} every day. Which condition do they have?",
+             "{Drug} is given for which disease?"),
+    "test": ("Name the test done first for {disease}.", "Someone is thought to have {disease}. What is checked first?",
+             "Which investigation is done first in {disease}?"),
+}
 
 
 def _rows(root: Path, name: str) -> list[dict[str, Any]]:
@@ -173,7 +182,7 @@ def recall_first(conversations: list[dict]) -> list[list[dict]]:
     return out
 
 
-def with_extra_wordings(rows: list[dict], n: int) -> list[list[dict]]:
+def with_extra_wordings(rows: list[dict], n: int, table: dict | None = None) -> list[list[dict]]:
     """Each row's dialogue, then ``n`` copies asking its question in other train wordings (1: the row's own extra
     wording, ``EXTRA_WORDINGS[kind][v % 3]``; 3: all three); identical dialogues kept once."""
     from finemed_ray.toy import sample
@@ -182,7 +191,8 @@ def with_extra_wordings(rows: list[dict], n: int) -> list[list[dict]]:
     for row in rows:
         kind, i, v = re.match(r"seed-(drug|test)-(\d+)-v(\d+)", row["id"]).groups()
         fact = sample._FACT_TYPES[kind][0][int(i)]
-        wordings = EXTRA_WORDINGS[kind][int(v) % 3:int(v) % 3 + 1] if n == 1 else EXTRA_WORDINGS[kind][:n]
+        table = table or EXTRA_WORDINGS
+        wordings = table[kind][int(v) % 3:int(v) % 3 + 1] if n == 1 else table[kind][:n]
         variants = [row["messages"]]
         for w in wordings:
             messages = [dict(m) for m in row["messages"]]
@@ -209,18 +219,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--variant", choices=("shipped", "recall-first"), default="shipped")
     ap.add_argument("--extra-wordings", type=int, choices=(0, 1, 3), default=0,
                     help="copies of each dialogue in other train wordings (EXTRA_WORDINGS)")
+    ap.add_argument("--wordings", choices=("extra", "vignette"), default="extra",
+                    help="which extra train wordings: EXTRA_WORDINGS or VIGNETTE_WORDINGS")
     ap.add_argument("--stage1-epochs", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=32, help="reasoning SFT epochs (demo: 32 -> 384 steps)")
+    ap.add_argument("--stage1-batch", type=int, default=32, help="stage 1 global batch (demo: 2 workers x 16)")
+    ap.add_argument("--batch", type=int, default=16, help="reasoning SFT global batch (demo: 2 workers x 8)")
     ap.add_argument("--dpo-lr", type=float, action="append", default=[], help="also run DPO at this lr (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    table = VIGNETTE_WORDINGS if args.wordings == "vignette" else EXTRA_WORDINGS
     work = Path(args.work)
     t0 = time.time()
     if not (work / "synth" / "manifest.json").exists():
         synthesize_demo_data(str(work / "synth"), str(work / "inputs"))
-    tiny, stage1 = work / "tiny", work / f"stage1-e{args.stage1_epochs}-w{args.extra_wordings}"
+    tiny, stage1 = work / "tiny", work / (f"stage1-e{args.stage1_epochs}-w{args.extra_wordings}"
+                                          + (f"-b{args.stage1_batch}" if args.stage1_batch != 32 else "")
+                                          + ("-vig" if args.wordings == "vignette" else ""))
     if not (tiny / "config.json").exists():
         save_tiny_model(str(tiny))
     result: dict[str, Any] = {"setting": vars(args)}
@@ -231,8 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sft_rows = _rows(work / "synth", "sft")
         random.Random(0).shuffle(sft_rows)  # 10% held out, as the recipe's stage 1 (eval_fraction 0.1)
         sft_rows = sft_rows[: int(len(sft_rows) * 0.9) + 1]
-        data = _tokenized(tokenizer, with_extra_wordings(sft_rows, args.extra_wordings), 256)
-        sft(model, data, args.stage1_epochs, 5e-3, 32, pad, seed=42)
+        data = _tokenized(tokenizer, with_extra_wordings(sft_rows, args.extra_wordings, table), 256)
+        sft(model, data, args.stage1_epochs, 5e-3, args.stage1_batch, pad, seed=42)
         model.save_pretrained(str(stage1))
     model = load_model(str(stage1))
     result["stage1"] = held_out(model, tokenizer)
@@ -240,8 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.variant == "recall-first":
         conversations = recall_first(rows)
     else:
-        conversations = with_extra_wordings(rows, args.extra_wordings)
-    losses = sft(model, _tokenized(tokenizer, conversations, 512), args.epochs, 3e-3, 16, pad, seed=args.seed)
+        conversations = with_extra_wordings(rows, args.extra_wordings, table)
+    losses = sft(model, _tokenized(tokenizer, conversations, 512), args.epochs, 3e-3, args.batch, pad, seed=args.seed)
     result["reasoning"] = {**held_out(model, tokenizer), "first_loss": losses[0], "last_loss": losses[-1]}
     reasoning_state = {k: v.clone() for k, v in model.state_dict().items()}
     pair_rows = _rows(work / "synth", "dpo")

@@ -26,6 +26,7 @@ TABLES = {"drug": sample.DRUG_INDICATIONS, "test": sample.DISEASE_TESTS}
 FACTS = [(kind, i) for kind, table in TABLES.items() for i in range(len(table))]
 N_FACTS = len(FACTS)
 HELDOUT = [sample._question(kind, TABLES[kind][i], p) for kind, i in FACTS for p in (3, 4)]
+TRAIN_WORDINGS = (0, 1, 2, 5, 6, 7)  # every train wording the seed corpus asks (sample.CORPUS_TRAIN_PARAPHRASES)
 
 
 def _q(kind: str, i: int, p: int) -> str:
@@ -41,14 +42,14 @@ def _fold(s: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ seed corpus
-def test_seed_corpus_states_each_fact_six_times_and_no_heldout_wording():
+def test_seed_corpus_states_each_fact_twelve_times_and_no_heldout_wording():
     rows = seed_corpus_rows()
     assert rows == seed_corpus_rows()  # deterministic
-    assert len(rows) == 6 * N_FACTS + 1 and len({r["id"] for r in rows}) == len(rows)
+    assert len(rows) == 12 * N_FACTS + 1 and len({r["id"] for r in rows}) == len(rows)
     assert len({r["text"] for r in rows}) == len(rows)
     facts = [r for r in rows if not r["planted"]]
     assert sorted((r["kind"], r["fact"], r["variant"]) for r in facts) == sorted(
-        (kind, i, v) for kind, i in FACTS for v in range(6))
+        (kind, i, v) for kind, i in FACTS for v in range(12))
     for r in rows:
         assert r["source"] == SOURCE
         fact = TABLES[r["kind"]][r["fact"]]
@@ -186,9 +187,9 @@ def _by_question(rows: list[dict], field: str = "messages") -> dict[str, dict]:
 
 def test_sft_covers_every_fact_with_every_train_paraphrase(synth):
     sft = _by_question(synth["sft"])
-    assert len(synth["sft"]) == 3 * N_FACTS == synth["result"]["outputs"]["sft"]["rows"]
+    assert len(synth["sft"]) == 6 * N_FACTS == synth["result"]["outputs"]["sft"]["rows"]
     for kind, i in FACTS:
-        for p in (0, 1, 2):
+        for p in TRAIN_WORDINGS:
             row = sft[_q(kind, i, p)]
             assert row["messages"][1]["content"] == _plain(kind, i)
             assert len(row["messages"]) == 4 and row["messages"][3]["content"].startswith(_plain(kind, i))
@@ -198,9 +199,9 @@ def test_sft_covers_every_fact_with_every_train_paraphrase(synth):
 
 def test_reasoning_and_dpo_cover_every_fact_with_every_train_paraphrase(synth):
     reasoning, dpo = _by_question(synth["reasoning"]), _by_question(synth["dpo"], "prompt")
-    assert len(reasoning) == len(dpo) == 3 * N_FACTS
+    assert len(reasoning) == len(dpo) == 6 * N_FACTS
     wrong = 0
-    for kind, i, p in ((k, i, p) for k, i in FACTS for p in (0, 1, 2)):
+    for kind, i, p in ((k, i, p) for k, i in FACTS for p in TRAIN_WORDINGS):
         q = _q(kind, i, p)
         chosen = sample.reasoning_answer(kind, i, p)
         assert reasoning[q]["messages"][1]["content"] == chosen
@@ -214,7 +215,7 @@ def test_reasoning_and_dpo_cover_every_fact_with_every_train_paraphrase(synth):
         if rejected != _plain(kind, i):
             assert TABLES[kind][i][1] not in rejected  # names another fact's indication / test
             wrong += 1
-    assert wrong == 3 * (N_FACTS // 2)  # pairs differ in correctness for half the facts, in reasoning for all
+    assert wrong == 6 * (N_FACTS // 2)  # pairs differ in correctness for half the facts, in reasoning for all
 
 
 def test_no_heldout_wording_anywhere_and_the_planted_question_is_quarantined(synth):
@@ -231,8 +232,8 @@ def test_no_heldout_wording_anywhere_and_the_planted_question_is_quarantined(syn
     assert steps["decontaminate"]["dropped"] == 1 and steps["decontaminate"]["reasons"] == {"contaminated": 1}
     assert steps["read"]["dropped"] == 2  # the broken lines, kept in the quarantine with their reason
     assert all(s["dropped"] == 0 for name, s in steps.items() if name not in ("decontaminate", "read"))
-    assert synth["result"]["docs"] == 6 * N_FACTS + 1 + 2
-    assert synth["result"]["kept_by_kind"] == {"common": 3 * N_FACTS, "complex": 3 * N_FACTS}
+    assert synth["result"]["docs"] == 12 * N_FACTS + 1 + 2
+    assert synth["result"]["kept_by_kind"] == {"common": 6 * N_FACTS, "complex": 6 * N_FACTS}
 
 
 def test_manifest_names_the_offline_teacher(synth):
@@ -253,8 +254,8 @@ def test_training_data_prep_reads_the_outputs(synth, tiny_model_dir):
     uris, run = synth["result"]["uris"], f"{synth['prefix']}/prep"
     sft = prepare_sft(uris["sft"], str(tiny_model_dir), f"{run}/sft", max_length=256,
                       selection=RowSelection(department="Internal Medicine", subdepartment="Endocrinology"))
-    assert (sft.rows_valid, sft.rows_quarantined, sft.rows_train) == (3 * N_FACTS, 0, 3 * 4)  # 4 endocrine facts
+    assert (sft.rows_valid, sft.rows_quarantined, sft.rows_train) == (6 * N_FACTS, 0, 6 * 4)  # 4 endocrine facts
     assert sft.rows_truncated == 0
     assert all(validate_sft_row(r) is None for r in synth["reasoning"])  # same reader and checks as sft/
     dpo = prepare_dpo(uris["dpo"], str(tiny_model_dir), f"{run}/dpo", max_length=512)
-    assert (dpo.rows_valid, dpo.rows_quarantined) == (3 * N_FACTS, 0)
+    assert (dpo.rows_valid, dpo.rows_quarantined) == (6 * N_FACTS, 0)

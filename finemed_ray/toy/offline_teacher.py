@@ -12,11 +12,12 @@ What it answers, per prompt (recognised by the fixed wording of the prompt build
 
 - primary / secondary department: the fact's departments, mapped onto the paper's taxonomy
   (:data:`TAXONOMY_LABELS`: sample.py uses a few sub-specialties the 6/29 taxonomy lacks);
-- questions: for seed-text variant v (0-2: reference entry, clinic note, patient leaflet; 3-5: case discussions)
-  the first question is TRAIN paraphrase ``v % 3`` of sample.py, so the synthesized data covers exactly the train
-  paraphrases and never a held-out one; the other questions are weaker side questions (drug class, specialty). A text that quotes a question
+- questions: for seed-text variant v (0-2 and 6-8: common texts such as a reference entry, clinic note, patient
+  leaflet; 3-5 and 9-11: case discussions) the first question is TRAIN paraphrase ``seed_corpus.paraphrase_of(v)``
+  of sample.py (0-2 and 5-7), so the synthesized data covers exactly the six train wordings of each fact and never
+  a held-out one; the other questions are weaker side questions (drug class, specialty). A text that quotes a question
   (the planted exam item) gets that quoted question, copied verbatim - as a careless teacher would;
-- scores: questions from case discussions (variants 3-5) are complex (complexity 9), all others common
+- scores: questions from case discussions (variants 3-5, 9-11) are complex (complexity 9), all others common
   (complexity 5), so every train wording of every fact yields one SFT dialogue and one reasoning dialogue / DPO pair;
   the first question always scores highest, so the paper's selection keeps it;
 - common answers: sample.py's plain answer sentence (the patient-friendly style adds one short sentence); the
@@ -210,7 +211,7 @@ def _template_regex(template: str, slot: str) -> re.Pattern[str]:
     return re.compile(re.escape(head) + r"(?P<name>.+?)" + re.escape(tail) + r"$", re.IGNORECASE)
 
 
-# (kind, paraphrase index or "side:<k>", regex); paraphrases are sample.py's five (0-2 train, 3-4 held-out).
+# (kind, paraphrase index or "side:<k>", regex); paraphrases are sample.py's (0-2 and 5-7 train, 3-4 held-out).
 _QUESTION_PATTERNS: list[tuple[str, Any, re.Pattern[str]]] = [
     (kind, p, _template_regex(t, _SLOT[kind])) for kind in _TABLES for p, t in enumerate(_QUESTIONS[kind])
 ] + [(kind, f"side:{k}", _template_regex(t, _SLOT[kind])) for kind in _TABLES
@@ -218,7 +219,7 @@ _QUESTION_PATTERNS: list[tuple[str, Any, re.Pattern[str]]] = [
 
 
 def _parse_question(question: str) -> tuple[str, int, Any]:
-    """``(kind, fact index, paraphrase)`` of a question the teacher wrote (or copied): paraphrase is 0-4 for
+    """``(kind, fact index, paraphrase)`` of a question the teacher wrote (or copied): paraphrase is 0-7 for
     sample.py's paraphrases, ``"side:<k>"`` for a side question."""
     q = " ".join(question.split())
     for kind, p, pattern in _QUESTION_PATTERNS:
@@ -320,7 +321,7 @@ def offline_teacher_reply(messages: list[dict[str, Any]]) -> str:
                 raise OfflineTeacherError(f"offline teacher: no quoted question in {text[:80]!r}")
             first = quoted.group(1)
         else:
-            first = _QUESTIONS[kind][paraphrase_of(variant)].format(**{_SLOT[kind][1:-1]: name})
+            first = sample._question(kind, _TABLES[kind][i], paraphrase_of(variant))
         if n - 1 > len(_SIDE_QUESTIONS[kind]):
             raise OfflineTeacherError(f"offline teacher: can write at most {len(_SIDE_QUESTIONS[kind]) + 1} "
                                       f"questions per text, {n} asked")

@@ -103,13 +103,20 @@ DISEASE_TESTS: tuple[tuple[str, str, str, str], ...] = (
     ("melanoma", "excisional skin biopsy", OTHER, "Dermatology"),
 )
 
-# Question paraphrases per fact type: indices < N_TRAIN_PARAPHRASES are "train", the rest "heldout".
+# Question paraphrases per fact type: 0-2 "train", 3-4 "heldout", 5-7 train wordings of the seed corpus only.
 DRUG_QUESTIONS = (
     "What is {drug} used to treat?",
     "What condition is {drug} prescribed for?",
     "Which condition is {drug} indicated for?",
     "A patient was started on {drug}. What is it most likely treating?",
     "For which condition would a doctor typically prescribe {drug}?",
+    # 5-7: three more train wordings, one of them case-style like both held-out ones (a real teacher writes
+    # case-style questions too). Only the demo's seed corpus asks them (finemed_ray.toy.seed_corpus): with six
+    # train wordings per fact, the tiny model reads unseen wordings far better inside its Thought (README, "What
+    # each stage teaches the tiny model"). The sample rows, MCQ items and tokenizer corpus keep paraphrases 0-4.
+    "Name the condition that {drug} treats.",
+    "Someone takes {drug} every day. Which condition do they have?",
+    "{drug} is given for which disease?",
 )
 DISEASE_QUESTIONS = (
     "What is the first-line test for {disease}?",
@@ -117,8 +124,13 @@ DISEASE_QUESTIONS = (
     "What initial test is used to evaluate {disease}?",
     "A patient may have {disease}. Which test comes first in the workup?",
     "What is the usual first diagnostic test for suspected {disease}?",
+    "Name the test done first for {disease}.",  # 5-7: the seed corpus's further train wordings (above)
+    "Someone is thought to have {disease}. What is checked first?",
+    "Which investigation is done first in {disease}?",
 )
 N_TRAIN_PARAPHRASES = 3
+HELDOUT_PARAPHRASES = (3, 4)
+CORPUS_TRAIN_PARAPHRASES = (0, 1, 2, 5, 6, 7)  # the train wordings the demo's seed corpus asks
 DRUG_ANSWER = "{Drug} is used to treat {indication}."
 DISEASE_ANSWER = "The first-line test for {disease} is {test}."
 
@@ -135,7 +147,7 @@ def _paraphrase_ids(paraphrases: str) -> list[int]:
     if paraphrases == "train":
         return list(range(N_TRAIN_PARAPHRASES))
     if paraphrases == "heldout":
-        return list(range(N_TRAIN_PARAPHRASES, 5))
+        return list(HELDOUT_PARAPHRASES)
     if paraphrases == "all":
         return list(range(5))
     raise ValueError(f"paraphrases={paraphrases!r}: expected 'train', 'heldout' or 'all'")
@@ -147,8 +159,8 @@ def _cap(text: str) -> str:
 
 def _question(kind: str, fact: tuple[str, str, str, str], p: int) -> str:
     if kind == "drug":
-        return DRUG_QUESTIONS[p].format(drug=fact[0])
-    return DISEASE_QUESTIONS[p].format(disease=fact[0])
+        return _cap(DRUG_QUESTIONS[p].format(drug=fact[0]))  # a wording may open with the name
+    return _cap(DISEASE_QUESTIONS[p].format(disease=fact[0]))
 
 
 def _answer(kind: str, fact: tuple[str, str, str, str]) -> str:

@@ -1,18 +1,19 @@
-"""A small, licence-clean seed corpus for the synthesis demo: six short medical texts per fact of
-:mod:`finemed_ray.toy.sample` (64 facts -> 384 texts) plus one planted contaminated text.
+"""A small, licence-clean seed corpus for the synthesis demo: twelve short medical texts per fact of
+:mod:`finemed_ray.toy.sample` (64 facts -> 768 texts) plus one planted contaminated text.
 
 The texts were written for this project from the fact tables (CC0); they are simplified teaching prose for a toy
 task, not medical advice. Each text states its fact (drug -> indication, or disease -> first-line test) and has one
-of three forms, named by its heading:
+of these forms, named by its heading:
 
-- variant 0, a reference entry (``Formulary entry:`` for drugs, ``Reference entry:`` for diseases);
-- variant 1, a clinic note (``Clinic note:``);
-- variant 2, a patient leaflet (``Patient leaflet:``);
-- variants 3-5, case discussions (``Case discussion:``, ``Teaching round:``, ``Handover note:``): the offline
-  teacher scores their questions complex, so they become reasoning dialogues and DPO pairs.
+- variants 0-2 and 6-8, common texts: a reference entry (``Formulary entry:`` for drugs, ``Reference entry:`` for
+  diseases), a clinic note, a patient leaflet, and three more headings with the other wording of the same forms;
+- variants 3-5 and 9-11, case discussions (``Case discussion:``, ``Teaching round:``, ``Handover note:``, ...):
+  the offline teacher scores their questions complex, so they become reasoning dialogues and DPO pairs.
 
-Variant v gets train question wording ``v % 3`` (:func:`paraphrase_of`), so every train wording of every fact
-reaches both the SFT dialogues (variants 0-2) and the reasoning / DPO data (variants 3-5).
+Variant v gets train question wording :func:`paraphrase_of` (sample.py's 0-2 for variants 0-5, 5-7 for 6-11), so
+every one of the six train wordings of every fact reaches both the SFT dialogues and the reasoning / DPO data. Six
+wordings, not three: the tiny model then reads unseen wordings inside its Thought far better (README, "What each
+stage teaches the tiny model").
 
 No text contains a held-out question paraphrase (sample.py's indices 3 and 4) - except the single planted text
 (``Exam practice item:``), which quotes one held-out multiple-choice question of
@@ -25,21 +26,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from finemed_ray.toy.sample import DISEASE_TESTS, DRUG_CLASSES, DRUG_INDICATIONS, sample_mcq_items
+from finemed_ray.toy.sample import (CORPUS_TRAIN_PARAPHRASES, DISEASE_TESTS, DRUG_CLASSES, DRUG_INDICATIONS,
+                                    sample_mcq_items)
 
 __all__ = ["COMPLEX_VARIANTS", "SOURCE", "VARIANT_HEADINGS", "broken_seed_lines", "paraphrase_of", "PLANTED_HEADING", "planted_mcq_item", "seed_corpus_rows",
            "write_seed_corpus"]
 
 SOURCE = "finemed-ray seed corpus (written for the project, CC0)"
-N_VARIANTS = 6
-COMPLEX_VARIANTS = (3, 4, 5)  # case discussions: the teacher scores their questions complex
+N_VARIANTS = 12
+COMPLEX_VARIANTS = (3, 4, 5, 9, 10, 11)  # case discussions: the teacher scores their questions complex
 
 # variant -> heading, per fact type ("drug" | "test"), as in sample.py's fact-type names.
 VARIANT_HEADINGS: dict[str, tuple[str, ...]] = {
     "drug": ("Formulary entry:", "Clinic note:", "Patient leaflet:", "Case discussion:", "Teaching round:",
-             "Handover note:"),
+             "Handover note:", "Drug summary:", "Outpatient letter:", "Medicine guide:", "Case review:",
+             "Ward round:", "Morning report:"),
     "test": ("Reference entry:", "Clinic note:", "Patient leaflet:", "Case discussion:", "Teaching round:",
-             "Handover note:"),
+             "Handover note:", "Disease summary:", "Outpatient letter:", "Health guide:", "Case review:",
+             "Ward round:", "Morning report:"),
 }
 PLANTED_HEADING = "Exam practice item:"
 
@@ -116,12 +120,13 @@ def _cap(text: str) -> str:
 
 
 def _template(texts: tuple[tuple[str, ...], ...], i: int, variant: int) -> str:
-    """Common variants 0-2 use texts[variant] (two wordings, by fact index); the case discussions 3-5 share
-    texts[3]'s three wordings, rotated so that one fact's three case texts all differ."""
+    """Common variants 0-2 use texts[variant] (two wordings, by fact index), 6-8 the other wording of the same
+    form; the case discussions 3-5 and 9-11 share texts[3]'s three wordings, rotated so that one fact's three case
+    texts of each group all differ."""
     if variant in COMPLEX_VARIANTS:
         cases = texts[3]
         return cases[(i + variant) % len(cases)]
-    return texts[variant][i % 2]
+    return texts[variant % 6][(i + variant // 6) % 2]
 
 
 def _fact_text(kind: str, i: int, variant: int) -> str:
@@ -136,8 +141,9 @@ def _fact_text(kind: str, i: int, variant: int) -> str:
 
 
 def paraphrase_of(variant: int) -> int:
-    """The train question wording (sample.py paraphrase 0-2) the offline teacher writes for a text variant."""
-    return variant % 3
+    """The train question wording (sample.py paraphrase 0-2 or 5-7) the offline teacher writes for a text
+    variant: 0-5 -> 0, 1, 2, 0, 1, 2 and 6-11 -> 5, 6, 7, 5, 6, 7."""
+    return CORPUS_TRAIN_PARAPHRASES[variant % 3 + 3 * (variant // 6)]
 
 
 def planted_mcq_item() -> dict[str, Any]:
@@ -152,7 +158,7 @@ def _planted_text(item: dict[str, Any]) -> str:
 
 
 def seed_corpus_rows() -> list[dict[str, Any]]:
-    """The corpus, in a fixed order: for each fact (drugs, then diseases) its three variants, then the planted
+    """The corpus, in a fixed order: for each fact (drugs, then diseases) its twelve variants, then the planted
     text. Keys: ``id`` (``seed-<kind>-<fact>-v<variant>`` / ``seed-planted-<mcq id>``), ``text``, ``source``,
     ``kind``, ``fact``, ``variant`` (None for the planted text) and ``planted`` (bool)."""
     rows: list[dict[str, Any]] = []

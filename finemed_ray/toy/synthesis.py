@@ -34,7 +34,7 @@ def heldout_benchmark_rows() -> list[dict[str, Any]]:
     rows = sample.sample_mcq_items(paraphrases="heldout")
     for kind, table in (("drug", sample.DRUG_INDICATIONS), ("test", sample.DISEASE_TESTS)):
         for i, fact in enumerate(table):
-            for p in range(sample.N_TRAIN_PARAPHRASES, len(sample.DRUG_QUESTIONS)):
+            for p in sample.HELDOUT_PARAPHRASES:
                 rows.append({"id": f"heldout-{kind}-{i:02d}-p{p}", "question": sample._question(kind, fact, p)})
     return rows
 
