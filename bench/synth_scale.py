@@ -14,8 +14,8 @@ first step; so each step's teacher constrains its output with vLLM structured ou
 labels, a ``regex`` for the question / score JSON, the judge's A/B and the Thought/Summarization reasoning), and the
 documents go through every step with real generation (greedy, token by token, by the engine). All these teachers
 name the same model and engine options, so the run has one engine (per replica) for all steps. Seeds: the toy seed
-corpus (``finemed_ray.toy.seed_corpus``, 385 texts), repeated with a copy number appended to each text so that no
-two seeds are equal (the dedupe would drop copies).
+corpus (``finemed_ray.toy.seed_corpus``, 768 texts besides the planted one, 384 before 2026-12-08), repeated
+with a copy number appended to each text so that no two seeds are equal (the dedupe would drop copies).
 
 Fixed cost, two ways: ``setup_s`` (read + dedupe + engine start, measured in the run) plus the output write, and
 the intercept of a least-squares line ``wall = a + b * seeds`` over the corpus sizes (replicas 1); the share is

@@ -110,12 +110,14 @@ DRUG_QUESTIONS = (
     "Which condition is {drug} indicated for?",
     "A patient was started on {drug}. What is it most likely treating?",
     "For which condition would a doctor typically prescribe {drug}?",
-    # 5-7: three more train wordings, one of them case-style like both held-out ones (a real teacher writes
-    # case-style questions too). Only the demo's seed corpus asks them (finemed_ray.toy.seed_corpus): with six
+    # 5-7: three more train wordings. Only the demo's seed corpus asks them (finemed_ray.toy.seed_corpus): with six
     # train wordings per fact, the tiny model reads unseen wordings far better inside its Thought (README, "What
-    # each stage teaches the tiny model"). The sample rows, MCQ items and tokenizer corpus keep paraphrases 0-4.
+    # each stage teaches the tiny model"). One is case-style and opens "A patient ...", as real questions often
+    # do and both held-out wordings do: with no train question containing "patient", the model read the held-out
+    # "A patient was started on X ..." as a test question. The sample rows, MCQ items and tokenizer corpus keep
+    # paraphrases 0-4.
     "Name the condition that {drug} treats.",
-    "Someone takes {drug} every day. Which condition do they have?",
+    "A patient takes {drug} every day. Which condition do they have?",
     "{drug} is given for which disease?",
 )
 DISEASE_QUESTIONS = (
@@ -125,7 +127,7 @@ DISEASE_QUESTIONS = (
     "A patient may have {disease}. Which test comes first in the workup?",
     "What is the usual first diagnostic test for suspected {disease}?",
     "Name the test done first for {disease}.",  # 5-7: the seed corpus's further train wordings (above)
-    "Someone is thought to have {disease}. What is checked first?",
+    "A patient is thought to have {disease}. What is checked first?",
     "Which investigation is done first in {disease}?",
 )
 N_TRAIN_PARAPHRASES = 3
