@@ -47,6 +47,18 @@ def test_every_stage_is_measured_on_the_same_heldout_questions(demo):
 
 
 @pytest.mark.slow
+def test_the_chain_ends_with_a_model_that_answers_the_heldout_questions(demo):
+    """Floors on the figures, looser than the Claims (which the next test checks are reported truthfully): on this
+    machine the shipped run gives stage 1 1.000, stage 3 0.984, reasoning SFT 0.930, DPO 0.953 (README, 'What each
+    stage teaches the tiny model'; bit-reproducible here, not yet compared across CPUs). Before the seed corpus
+    asked six train wordings per fact, reasoning SFT fell to 0.734 and DPO to 0.648: these floors fail there."""
+    stages = {st["stage"]: st["eval"]["accuracy"] for st in demo["summary"]["stages"]}
+    assert stages["stage1-all"] >= 0.9
+    assert stages["reasoning"] >= 0.85 and stages["reasoning"] >= stages["stage3-endocrinology"] - 0.10
+    assert stages["dpo"] >= 0.85  # the final model, in the mode it trains (reason, then answer)
+
+
+@pytest.mark.slow
 def test_reasoning_sft_and_dpo_train_their_format_and_the_claims_are_reported_truthfully(demo):
     stages = {st["stage"]: st for st in demo["summary"]["stages"]}
     reasoning, dpo = stages["reasoning"]["eval"], stages["dpo"]["eval"]
