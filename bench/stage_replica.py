@@ -9,9 +9,11 @@ four-option questions in unseen wordings, the answer generated greedily and read
         [--dpo-lr 2e-4 ...] [--out results.json]
 
 ``--extra-wordings N`` (1 or 3) adds, for every synthesized SFT and reasoning dialogue, N copies whose question is
-asked in train wordings the offline teacher never writes (:data:`EXTRA_WORDINGS`; never a held-out one): 1 = each
-fact in six train wordings instead of three (twice the rows; halve ``--stage1-epochs``/``--epochs`` for the same
-steps), 3 = four times the rows.
+asked in train wordings the offline teacher never writes (:data:`EXTRA_WORDINGS`, or :data:`VIGNETTE_WORDINGS` with
+``--wordings vignette``; never a held-out one): 1 = twice the rows (halve ``--stage1-epochs``/``--epochs`` for the
+same steps), 3 = four times the rows. Until 2026-12-08 the offline teacher wrote three wordings per fact, and these
+flags measured six (README, "What each stage teaches the tiny model"); it now writes six, so the defaults
+(``--extra-wordings 0``, 20 / 16 epochs) replicate today's demo.
 
 ``--variant recall-first`` rewrites Step 1 of every reasoning answer to the plain answer sentence ("What I recall
 first: X is used to treat Y. Let me check this."), which shows whether the reasoning model still knows the fact
@@ -221,8 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="copies of each dialogue in other train wordings (EXTRA_WORDINGS)")
     ap.add_argument("--wordings", choices=("extra", "vignette"), default="extra",
                     help="which extra train wordings: EXTRA_WORDINGS or VIGNETTE_WORDINGS")
-    ap.add_argument("--stage1-epochs", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=32, help="reasoning SFT epochs (demo: 32 -> 384 steps)")
+    ap.add_argument("--stage1-epochs", type=int, default=20, help="stage 1 epochs (demo: 20 -> 240 steps)")
+    ap.add_argument("--epochs", type=int, default=16, help="reasoning SFT epochs (demo: 16 -> 384 steps)")
     ap.add_argument("--stage1-batch", type=int, default=32, help="stage 1 global batch (demo: 2 workers x 16)")
     ap.add_argument("--batch", type=int, default=16, help="reasoning SFT global batch (demo: 2 workers x 8)")
     ap.add_argument("--dpo-lr", type=float, action="append", default=[], help="also run DPO at this lr (repeatable)")
