@@ -250,6 +250,9 @@ SETTINGS: dict[str, Callable[[dict], str]] = {
                             f"{d.get('latency_s', UNKNOWN)} s a request"),
     "synth_scale": lambda d: (f"{d.get('model', UNKNOWN)}; streaming pipeline, every step, structured outputs; "
                               f"{d.get('batch', UNKNOWN)} docs per batch"),
+    "synth_http": lambda d: (f"{d.get('model', UNKNOWN)}; streaming pipeline, every step, structured outputs; "
+                             f"{d.get('batch', UNKNOWN)} docs per batch; http: "
+                             f"{d.get('http_concurrency_per_worker', UNKNOWN)} requests in flight per worker x 2"),
     "index_scale": lambda d: (f"synthetic unit vectors, dim {get(d, 'setting.dim', UNKNOWN)} "
                               f"{get(d, 'setting.dtype', UNKNOWN)}; faiss IVF-Flat at the default index settings "
                               f"(nlist auto, nprobe calibrated to recall@10 0.95); one query per call, k 10"),
@@ -334,6 +337,18 @@ def _synth_scale_replicas(d: dict) -> Any:
     r = rep[n]
     return r["wall_2_over_1"], (f"{r['wall_2_over_1']:g}x at {n} seeds (teacher phase alone "
                                 f"{r['stream_2_over_1']:g}x); {d.get('host', {}).get('cpus', UNKNOWN)} cores")
+
+
+def _synth_http(d: dict) -> Any:
+    """bench/synth_scale.py --http: the HTTP teacher against `vllm serve` over the engine actor, largest size."""
+    by = get(d, "summary.by_size") or {}
+    if not by:
+        return None
+    n = max(by, key=int)
+    r = by[n]
+    return _info(f"{r['http_over_engine']:g}x the engine actor's seeds/s at {n} seeds ({r['http_seeds_per_s']:g} vs "
+                 f"{r['engine_seeds_per_s']:g} seeds/s; teacher phase {r['http_stream_s']} s vs "
+                 f"{r['engine_stream_s']} s)" + ("" if d.get("complete", True) else "; run incomplete"))
 
 
 def _synth_scale_fixed(d: dict) -> Any:
@@ -664,7 +679,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure(SYNTH, "fixed cost, share of the run at 10^4 seeds", "synth_scale", _synth_scale_fixed,
            "synthesis.fixed_cost_1e4", note="issue 18 item 5"),
     Figure(SYNTH, "rows/s at 10^2 / 10^3 / 10^4 seeds", "synth_scale", _synth_scale_sizes, note="issue 18 item 5"),
-    Figure(SYNTH, "rows/s with the HTTP teacher against a real `vllm serve` process", note="issue 18 item 5"),
+    Figure(SYNTH, "rows/s with the HTTP teacher against a real `vllm serve` process, over the engine actor",
+           "synth_http", _synth_http, note="issue 18 item 5: `bench/synth_scale.py --http`, both in one run"),
     Figure(SYNTH, "whole pipeline docs/s over concurrency 1 (one scripted HTTP teacher)", "synthesis",
            lambda d: _info(over_c1(d, "speedup_vs_c1")), "synthesis.concurrency"),
     Figure(SYNTH, "teacher side requests/s over concurrency 1", "synthesis",

