@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from finemed_ray import worker_env
+from finemed_ray.errors import ConfigError
 
 # Environment forwarded to a local Ray cluster's workers so they reach the same storage and stay offline: through a
 # private file, never the (logged) runtime env (finemed_ray/worker_env.py).
@@ -17,6 +18,7 @@ def ensure_ray_address(address: str | None, local_num_cpus: int) -> None:
     import ray
 
     if ray.is_initialized():
+        _check_same_cluster(address, ray.get_runtime_context().gcs_address)
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -29,6 +31,19 @@ def ensure_ray_address(address: str | None, local_num_cpus: int) -> None:
     ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False,
              runtime_env={"env_vars": {worker_env.FILE_VAR: env_file},
                           "worker_process_setup_hook": worker_env.SETUP_HOOK})
+
+
+def _check_same_cluster(address: str | None, connected: str) -> None:
+    """This process already runs Ray (a caller's ``ray.init``, a notebook): a ``ray.address`` that names another
+    cluster must not be ignored silently, or the job would run where the user did not send it. Only the port is
+    compared: one cluster may be reached by several host names or interfaces, but another port is another cluster."""
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return  # "auto" / "local" / a Ray Client address: nothing to compare with the GCS address
+    want, have = address.rsplit(":", 1)[-1], connected.rsplit(":", 1)[-1]
+    if want != have:
+        raise ConfigError(f"ray.address={address!r} names another cluster than the one this process is already "
+                          f"connected to ({connected}); call ray.shutdown() first, or drop ray.address to use the "
+                          f"connected cluster")
 
 
 __all__ = ["FORWARDED_ENV_PREFIXES", "ensure_ray_address"]

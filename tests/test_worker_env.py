@@ -60,6 +60,28 @@ def test_variables_reach_workers_and_no_ray_log_holds_them(monkeypatch):
     assert not leaked, leaked
 
 
+def test_a_ray_address_naming_another_cluster_than_the_connected_one_is_refused(monkeypatch):
+    import ray
+
+    from finemed_ray.cluster import ensure_ray_address
+    from finemed_ray.errors import ConfigError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        connected = ray.get_runtime_context().gcs_address
+        host, port = connected.rsplit(":", 1)
+        for same in (None, "auto", connected, f"localhost:{port}"):  # the connected cluster, by any name
+            ensure_ray_address(same, 2)
+        other = f"{host}:{int(port) + 1}"
+        with pytest.raises(ConfigError, match=rf"ray.address='{other}' names another cluster .*\({connected}\)"):
+            ensure_ray_address(other, 2)
+        assert ray.get_runtime_context().gcs_address == connected  # still on the same cluster
+    finally:
+        ray.shutdown()
+
+
 def test_a_killed_drivers_env_file_is_removed_by_the_next_driver(tmp_path, monkeypatch):
     import signal
     import subprocess
