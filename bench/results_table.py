@@ -367,7 +367,8 @@ def _synth_scale_sizes(d: dict) -> Any:
     by = get(d, "summary.seeds_per_s_by_size") or {}
     if not by:
         return None
-    return None, " / ".join(f"{v:g}" for v in by.values()) + " seeds/s at " + " / ".join(by) + " seeds (replicas 1)"
+    return None, (" / ".join(f"{v:g}" for v in by.values()) + " seeds/s at " + " / ".join(by) + " seeds (replicas 1)"
+                  + ("" if d.get("complete", True) else "; run incomplete: interrupted before its last size"))
 
 
 def _index_size(d: dict, rows: int, data: str = "clustered") -> dict | None:

