@@ -346,9 +346,13 @@ def _synth_http(d: dict) -> Any:
         return None
     n = max(by, key=int)
     r = by[n]
+    web = next((x for x in d.get("runs") or [] if x["seeds"] == int(n) and x["teacher"] != "engine actor"), {})
+    eng = next((x for x in d.get("runs") or [] if x["seeds"] == int(n) and x["teacher"] == "engine actor"), {})
     return _info(f"{r['http_over_engine']:g}x the engine actor's seeds/s at {n} seeds ({r['http_seeds_per_s']:g} vs "
                  f"{r['engine_seeds_per_s']:g} seeds/s; teacher phase {r['http_stream_s']} s vs "
-                 f"{r['engine_stream_s']} s)" + ("" if d.get("complete", True) else "; run incomplete"))
+                 f"{r['engine_stream_s']} s; the server's {web.get('server_startup_s', UNKNOWN)} s start-up is "
+                 f"outside the HTTP run, the engine's start inside the actor run's {eng.get('setup_s', UNKNOWN)} s "
+                 f"setup)" + ("" if d.get("complete", True) else "; run incomplete"))
 
 
 def _synth_scale_fixed(d: dict) -> Any:
