@@ -34,7 +34,9 @@ def two_node_cluster(s3):
     cluster.shutdown()
 
 
-@pytest.mark.slow  # ~2.5 min with the DPO one (moved out of the default suite to keep it under 25 min)
+@pytest.mark.slow
+@pytest.mark.proof  # `make test-proof` only: tests/test_two_hosts.py (in CI's `make test-slow`) asserts the same SFT
+# run across two nodes, one ZeRO-3 worker on each, with the second node's /tmp private: a stricter form of this one
 def test_sft_across_two_nodes_through_s3(two_node_cluster, tiny_model_s3):
     import ray
 

@@ -128,5 +128,6 @@ def test_sft_with_one_worker_per_host_travels_only_through_s3(two_hosts, tiny_mo
     second = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("second_host")}
     nodes = {s["node_id"] for s in meta["sharding_per_rank"]}
     assert len(nodes) == 2 and nodes & second, (nodes, second)  # one rank really ran on the isolated host
+    assert all(s["optimizer"] == "DeepSpeedZeroOptimizer_Stage3" for s in meta["sharding_per_rank"])
     assert summary["global_step"] == summary["plan"]["max_steps"] == 4
     assert storage.is_complete(f"{prefix}/export")
