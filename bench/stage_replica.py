@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--stage1-batch", type=int, default=32, help="stage 1 global batch (demo: 2 workers x 16)")
     ap.add_argument("--batch", type=int, default=16, help="reasoning SFT global batch (demo: 2 workers x 8)")
     ap.add_argument("--dpo-lr", type=float, action="append", default=[], help="also run DPO at this lr (repeatable)")
+    ap.add_argument("--dpo-epochs", type=int, default=1,
+                    help="DPO epochs (demo: 1 over ~346 pairs = 44 steps; 2 until 2026-12-08, over ~173 pairs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.load_state_dict(reasoning_state)
         reference = load_model(str(stage1))
         reference.load_state_dict(reasoning_state)
-        stats = dpo(model, reference, pairs, 2, lr, 0.1, 1.0, 8, pad, seed=args.seed)
+        stats = dpo(model, reference, pairs, args.dpo_epochs, lr, 0.1, 1.0, 8, pad, seed=args.seed)
         result[f"dpo_lr_{lr:g}"] = {**held_out(model, tokenizer), **stats}
     result["seconds"] = round(time.time() - t0, 1)
     for name, r in result.items():
