@@ -54,7 +54,7 @@ test-proof: install
 test-all: install
 	$(PY) -m pytest -m ""
 
-# GRPO's learning proof (12-20 min on 2 cores, too long for the demo): recipe up to reasoning SFT, then GRPO; held-out
+# GRPO's learning proof (15-20 min on 2 cores, too long for the demo): recipe up to reasoning SFT, then GRPO; held-out
 # reasoning-mode accuracy before and after, McNemar's exact test (tests/test_grpo.py, also in `make test-proof`).
 .PHONY: grpo-proof
 grpo-proof: install
