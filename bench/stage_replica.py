@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--epochs", type=int, default=16, help="reasoning SFT epochs (demo: 16 -> 384 steps)")
     ap.add_argument("--stage1-batch", type=int, default=32, help="stage 1 global batch (demo: 2 workers x 16)")
     ap.add_argument("--batch", type=int, default=16, help="reasoning SFT global batch (demo: 2 workers x 8)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="reasoning SFT peak learning rate (demo: 3e-3)")
     ap.add_argument("--dpo-lr", type=float, action="append", default=[], help="also run DPO at this lr (repeatable)")
     ap.add_argument("--dpo-epochs", type=int, default=1,
                     help="DPO epochs (demo: 1 over ~346 pairs = 44 steps; 2 until 2026-12-08, over ~173 pairs)")
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         conversations = recall_first(rows)
     else:
         conversations = with_extra_wordings(rows, args.extra_wordings, table)
-    losses = sft(model, _tokenized(tokenizer, conversations, 512), args.epochs, 3e-3, args.batch, pad, seed=args.seed)
+    losses = sft(model, _tokenized(tokenizer, conversations, 512), args.epochs, args.lr, args.batch, pad, seed=args.seed)
     result["reasoning"] = {**held_out(model, tokenizer), "first_loss": losses[0], "last_loss": losses[-1]}
     reasoning_state = {k: v.clone() for k, v in model.state_dict().items()}
     pair_rows = _rows(work / "synth", "dpo")
