@@ -159,14 +159,15 @@ HTTP_MODEL = "tiny"  # the served model name of the `vllm serve` process (--http
 
 
 def _one_run(seeds: int, replicas: int, batch: int, workdir: str, model: str, timeout_s: float,
-             http: str | None = None, http_concurrency: int = 16) -> tuple[dict[str, Any] | None, str]:
-    """One pipeline run in a fresh process (its own Ray cluster; vLLM's engine processes end with it)."""
+             http: str | None = None, http_concurrency: int = 16) -> tuple[dict[str, Any] | None, Any]:
+    """One pipeline run in a fresh process (its own Ray cluster; vLLM's engine processes end with it): its result
+    (None when it printed none) and the finished process."""
     cmd = [sys.executable, "-m", "bench.synth_scale", "--batch", str(batch), "--http-concurrency",
            str(http_concurrency), "--one", ",".join([str(seeds), str(replicas), workdir, model] + ([http] if http
                                                                                                  else []))]
     proc = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, start_new_session=True, timeout=timeout_s)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    return (json.loads(line[len("RESULT "):]) if line else None), proc.stderr
+    return (json.loads(line[len("RESULT "):]) if line else None), proc
 
 
 def http_main(args: argparse.Namespace) -> int:
@@ -185,9 +186,9 @@ def http_main(args: argparse.Namespace) -> int:
     timeout = args.max_minutes * 60 * 1.5 + 600
     out = Path(args.out or H.RESULTS / "synth_http_cpu.json")
     for seeds in sizes:
-        res, err = _one_run(seeds, 1, args.batch, workdir, model, timeout)
+        res, proc = _one_run(seeds, 1, args.batch, workdir, model, timeout)
         if res is None:
-            failed.append({"seeds": seeds, "teacher": "engine actor", "errors": err.splitlines()[-8:]})
+            failed.append({"seeds": seeds, "teacher": "engine actor", "errors": proc.stderr.splitlines()[-8:]})
         else:
             runs.append(res)
             print(json.dumps({k: res[k] for k in ("seeds", "teacher", "wall_s", "seeds_per_s", "setup_s")}),
@@ -202,12 +203,12 @@ def http_main(args: argparse.Namespace) -> int:
         try:
             startup = server.wait_ready(600, {"model": HTTP_MODEL, "max_tokens": 1,
                                               "messages": [{"role": "user", "content": "Hello"}]})
-            res, err = _one_run(seeds, 1, args.batch, workdir, model, timeout, f"{server.url}/v1",
-                                args.http_concurrency)
+            res, proc = _one_run(seeds, 1, args.batch, workdir, model, timeout, f"{server.url}/v1",
+                                 args.http_concurrency)
         finally:
             server.stop()
         if res is None:
-            failed.append({"seeds": seeds, "teacher": "http -> vllm serve", "errors": err.splitlines()[-8:]})
+            failed.append({"seeds": seeds, "teacher": "http -> vllm serve", "errors": proc.stderr.splitlines()[-8:]})
         else:
             res["server_startup_s"] = round(startup, 1)
             runs.append(res)
@@ -309,12 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"skipped": skipped[-1]}), flush=True)
                 continue
         # One process per run: a fresh Ray cluster, and vLLM's engine processes end with it.
-        cmd = [sys.executable, "-m", "bench.synth_scale", "--batch", str(args.batch),
-               "--one", f"{seeds},{replicas},{workdir},{model}"]
-        proc = subprocess.run(cmd, cwd=H.ROOT, capture_output=True, text=True, start_new_session=True,
-                              timeout=args.max_minutes * 60 * 1.5 + 600)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:  # recorded, not fatal: e.g. Ray's memory monitor killing an engine on a shared machine
+        result, proc = _one_run(seeds, replicas, args.batch, workdir, model, args.max_minutes * 60 * 1.5 + 600)
+        if result is None:  # recorded, not fatal: e.g. Ray's memory monitor killing an engine on a shared machine
             cause = [l[:300] for l in proc.stderr.splitlines()
                      if any(w in l for w in ("OutOfMemory", "memory", "killed", "Error:", "died"))][-6:]
             failed.append({"seeds": seeds, "replicas": replicas, "rc": proc.returncode, "errors": cause,
@@ -322,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"failed": failed[-1]}), flush=True)
             Path(f"/tmp/synth_scale_failed-{seeds}-{replicas}-{int(time.time())}.log").write_text(proc.stderr)
         else:
-            runs.append(json.loads(line[len("RESULT "):]))
+            runs.append(result)
             runs[-1]["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             print(json.dumps({k: runs[-1][k] for k in ("seeds", "replicas", "wall_s", "seeds_per_s", "setup_s",
                                                         "stream_s", "write_s", "teacher_requests")}), flush=True)
